@@ -1,0 +1,134 @@
+"""The Python API: the same verbs as the CLI (`lorank.recommend(...)` == `lorank recommend`)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorank import data as data_mod
+from lorank.decide import Recommendation, candidate_ranks, decide
+from lorank.errors import LorankError
+from lorank.estimators.base import Evidence
+from lorank.estimators.capacity import capacity_evidence
+from lorank.export import ensure_writable, write_outputs
+from lorank.models import LoadedModel, load_model
+from lorank.targets import TargetSet, resolve_targets
+
+DEFAULT_ESTIMATORS: tuple[str, ...] = ("capacity",)
+
+
+def versions() -> dict[str, str]:
+    """Software versions recorded with every result."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("lorank", "torch", "transformers", "peft", "datasets", "optuna"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_inputs(model: str | LoadedModel, data: str | Path, *, fmt: str | None = None,
+                   val_data: str | Path | None = None, max_length: int = 512, seed: int = 0,
+                   dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+                   ) -> tuple[LoadedModel, data_mod.PreparedData]:
+    """Load the model and the data together (the data decides the classification label count)."""
+    records, fmt = data_mod.read_dataset(data, fmt)
+    if isinstance(model, str):
+        num_labels = None
+        if fmt == "classification":
+            extra = data_mod.read_dataset(val_data, fmt)[0] if val_data else []
+            num_labels = len(data_mod.label_vocabulary(records + extra))
+        model = load_model(model, task="classification" if fmt == "classification" else None,
+                           num_labels=num_labels, dtype=dtype, device=device,
+                           trust_remote_code=trust_remote_code)
+    if (fmt == "classification") != (model.task == "classification"):
+        raise LorankError(f"{data}: format {fmt} does not fit a {model.task} model "
+                          f"({model.source}); classification data needs an encoder/classifier")
+    prepared = data_mod.prepare(data, model.tokenizer, fmt=fmt, val_source=val_data,
+                                max_length=max_length, seed=seed)
+    return model, prepared
+
+
+def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all-linear",
+              fmt: str | None = None, val_data: str | Path | None = None, max_length: int = 512,
+              rank: int | None = None, max_rank: int = 256, batch_size: int = 8, seed: int = 0,
+              profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
+              out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+              trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
+    """Measure the data and the model and recommend a LoRA rank, alpha and targets.
+
+    `estimators` picks the evidence to gather (cheapest first). `rank` forces a rank and
+    only checks it against the targets (the evidence is still reported).
+    """
+    if out is not None:
+        ensure_writable(Path(out))
+    seed_everything(seed)
+    loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
+                                      max_length=max_length, seed=seed, dtype=dtype, device=device,
+                                      trust_remote_code=trust_remote_code)
+    target_set = resolve_targets(loaded.model, targets)
+    if rank is not None:
+        target_set.check_rank(rank)
+    ranks = candidate_ranks(target_set, max_rank)
+    start = time.perf_counter()
+    prof = data_mod.profile(prepared, loaded.model, sample=profile_sample, batch_size=batch_size,
+                            pad_token_id=loaded.pad_token_id, progress=progress, seed=seed)
+    profile_seconds = time.perf_counter() - start
+
+    evidence: list[Evidence] = []
+    for name in estimators:
+        evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
+                                      batch_size=batch_size, seed=seed, progress=progress,
+                                      profile_seconds=profile_seconds))
+    seq_len = int(prof.length_percentiles["p90"])
+    inputs: dict[str, Any] = {
+        "model": loaded.source, "model_path": loaded.path, "data": str(data),
+        "val_data": str(val_data) if val_data else None, "data_hash": prepared.data_hash,
+        "format": prepared.fmt, "targets": targets, "max_length": max_length, "seed": seed,
+        "batch_size": batch_size, "profile": prof.to_dict(), "versions": versions(),
+    }
+    rec = decide(evidence, target_set, ranks=ranks, task=prepared.task, batch_size=batch_size,
+                 seq_len=seq_len, inputs=inputs)
+    if rank is not None:
+        rec = _forced(rec, rank, target_set, batch_size, seq_len)
+    if out is not None:
+        write_outputs(rec, Path(out), base_model=loaded.path)
+    return rec
+
+
+def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedData,
+                  prof: data_mod.DataProfile, targets: TargetSet, ranks: list[int], *,
+                  batch_size: int, seed: int, progress: bool, profile_seconds: float) -> Evidence:
+    """Dispatch one estimator by name."""
+    if name == "capacity":
+        return capacity_evidence(prof, targets, ranks, seconds=profile_seconds)
+    raise LorankError(f"--estimators {name}: unknown estimator (known: capacity)")
+
+
+def _forced(rec: Recommendation, rank: int, targets: TargetSet, batch_size: int,
+            seq_len: int) -> Recommendation:
+    from lorank.targets import memory_estimate
+
+    if rank != rec.rank:
+        rec.rationale.insert(0, f"rank {rank} forced by the user (evidence suggested {rec.rank})")
+    rec.rank, rec.rank_pattern = rank, {}
+    rec.trainable_params = targets.params(rank)
+    rec.adapter_bytes = 4 * rec.trainable_params
+    rec.memory = memory_estimate(targets, rank, batch_size=batch_size, seq_len=seq_len).to_dict()
+    return rec

@@ -1,0 +1,134 @@
+"""The `lorank` command: a thin typer layer over the Python API (same verbs, same options)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from lorank.errors import LorankError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which LoRA rank? Measure the model and the data, then recommend.")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
+                        "or alias: smollm2-135m, minilm-l6")
+DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
+                       "them, or a cached `datasets` name")
+
+
+@app.command()
+def recommend(
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    targets: str = typer.Option("all-linear", help="all-linear, attention, mlp, names "
+                                "(q_proj,v_proj) or re:REGEX"),
+    fmt: str = typer.Option(None, "--format", help="text, prompt-completion, alpaca, chat, "
+                            "classification (default: detected from the columns)"),
+    val_data: str = typer.Option(None, help="validation data (default: split 10% off, ≤256)"),
+    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
+    rank: int = typer.Option(None, help="force this rank (checked against the targets)"),
+    max_rank: int = typer.Option(256, help="largest candidate rank"),
+    batch_size: int = typer.Option(8, help="batch size for measurements and the memory model"),
+    seed: int = typer.Option(0, help="seed: same seed, same inputs -> same recommendation"),
+    out: Path = typer.Option(Path("lorank-out"), help="output directory"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code to run"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
+    from lorank.api import recommend as api_recommend
+    from lorank.report import print_recommendation
+
+    rec = api_recommend(model, data, targets=targets, fmt=fmt, val_data=val_data,
+                        max_length=max_length, rank=rank, max_rank=max_rank,
+                        batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
+                        trust_remote_code=trust_remote_code, progress=not quiet)
+    print_recommendation(rec, console)
+    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+
+
+@app.command()
+def targets(
+    model: str = ModelOpt,
+    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    num_labels: int = typer.Option(None, help="load as a classifier with this many labels"),
+    batch_size: int = typer.Option(8, help="batch size for the memory model"),
+    seq_len: int = typer.Option(512, help="sequence length for the memory model"),
+) -> None:
+    """List the target modules, their shapes, and params / memory per rank."""
+    from rich.table import Table
+
+    from lorank.decide import candidate_ranks
+    from lorank.models import load_model
+    from lorank.report import human_bytes, human_count
+    from lorank.targets import adapter_bytes, memory_estimate, resolve_targets
+
+    loaded = load_model(model, task="classification" if num_labels else None,
+                        num_labels=num_labels)
+    ts = resolve_targets(loaded.model, targets)
+    shapes = Table(title=f"{len(ts.layers)} target modules", header_style="bold")
+    for col in ("module", "d_in", "d_out", "group"):
+        shapes.add_column(col)
+    for t in ts.layers:
+        shapes.add_row(t.name, str(t.d_in), str(t.d_out), t.group)
+    console.print(shapes)
+    cost = Table(title="cost per rank", header_style="bold")
+    for col in ("rank", "trainable", "adapter", "train memory"):
+        cost.add_column(col, justify="right")
+    for r in candidate_ranks(ts):
+        mem = memory_estimate(ts, r, batch_size=batch_size, seq_len=seq_len)
+        cost.add_row(str(r), human_count(ts.params(r)), human_bytes(adapter_bytes(ts, r)),
+                     human_bytes(mem.total))
+    console.print(cost)
+    console.print(f"PEFT target_modules: {ts.peft_target_modules}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
+    n: int = typer.Option(400, help="examples to build from the standard library"),
+    seed: int = typer.Option(0, help="seed"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Build a real dataset from the Python standard library and run `recommend` on SmolLM2."""
+    from lorank.demo import run_demo
+    from lorank.report import print_recommendation
+
+    rec, data_path = run_demo(out, n=n, seed=seed, progress=not quiet)
+    console.print(f"demo data: {data_path}")
+    print_recommendation(rec, console)
+    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except LorankError as err:
+        err_console.print(Text("error: ", style="red") + Text(str(err)), soft_wrap=True)
+        sys.exit(2)
+    except FileNotFoundError as err:
+        err_console.print(Text("error: ", style="red") + Text(f"file not found: {err.filename}"),
+                          soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors (typer vendors click) show themselves
+        if hasattr(err, "show") and hasattr(err, "exit_code"):
+            err.show()
+            sys.exit(2)
+        if type(err).__name__ == "Abort":
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Data: load records, detect their format, tokenize with loss masks, split, profile.
+
+Tokenized examples are plain dicts so every stage (estimators, Trainer, sweep) shares them:
+  causal LM:       {"input_ids": list[int], "labels": list[int]}   (labels -100 = no loss)
+  classification:  {"input_ids": list[int], "labels": int}
+Only completion / assistant tokens carry loss; prompts, instructions and user turns do not.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorank.errors import LorankError
+
+IGNORE_INDEX = -100
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+# format -> columns it needs (detection tries them in this order)
+FORMATS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_records(source: str | Path) -> list[dict[str, Any]]:
+    """Read records from a file, a directory of files, or a `datasets` name in the local cache."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise LorankError(f"{source}: directory holds no {'/'.join(DATA_SUFFIXES)} files")
+        return [r for f in files for r in _read_file(f)]
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix in DATA_SUFFIXES or str(source).startswith(("/", "./", "../", "~")):
+        raise LorankError(f"data file not found: {source}")
+    return _read_cached_dataset(str(source))
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LorankError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise LorankError(f"{path}:{lineno}: expected a JSON object per line")
+                records.append(obj)
+        return records
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise LorankError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+            raise LorankError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+        return obj
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            return [dict(row) for row in csv.DictReader(fh)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise LorankError(f"{path}: unsupported file type; expected {', '.join(DATA_SUFFIXES)}")
+
+
+def _read_cached_dataset(name: str) -> list[dict[str, Any]]:
+    """A `datasets` hub name, only if already in the local cache (no download at run time)."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train")
+    except Exception:
+        raise LorankError(
+            f"data '{name}' not found: expected a .jsonl/.json/.csv/.parquet file, a directory of "
+            "them, or a `datasets` name already in the local cache"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def detect_format(records: list[dict[str, Any]], source: str = "data") -> str:
+    """The first format whose columns the records hold (see FORMATS)."""
+    if not records:
+        raise LorankError(f"{source}: empty dataset (no records)")
+    columns = set(records[0])
+    for name, needed in FORMATS.items():
+        if all(c in columns for c in needed):
+            return name
+    known = "; ".join(f"{n}: {', '.join(c)}" for n, c in FORMATS.items())
+    raise LorankError(
+        f"{source}: unknown columns {sorted(columns)}; expected one of the formats ({known})"
+    )
+
+
+def check_columns(records: list[dict[str, Any]], fmt: str, source: str = "data") -> None:
+    """Every record must have the format's columns; name the first record that does not."""
+    if fmt not in FORMATS:
+        raise LorankError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    for i, record in enumerate(records, 1):
+        missing = [c for c in FORMATS[fmt] if c not in record or record[c] is None]
+        if missing:
+            raise LorankError(f"{source}: record {i}: missing field '{missing[0]}' for format {fmt}")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizing
+
+
+def tokenize(record: dict[str, Any], fmt: str, tokenizer, max_length: int,
+             label_ids: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """One record -> tokenized example, or None when truncation leaves no supervised token."""
+    if fmt == "classification":
+        ids = tokenizer(str(record["text"]), truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": list(ids), "labels": label_ids[str(record["label"])]}
+    if fmt == "chat":
+        ids, labels = _chat_tokens(record["messages"], tokenizer)
+    else:
+        prompt, completion = _prompt_completion(record, fmt)
+        prompt_ids = _encode(tokenizer, prompt, special=True) if prompt else []
+        completion_ids = _encode(tokenizer, completion, special=not prompt)
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        ids = prompt_ids + completion_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(lab == IGNORE_INDEX for lab in labels[1:]):  # the first label is never predicted
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _prompt_completion(record: dict[str, Any], fmt: str) -> tuple[str, str]:
+    if fmt == "text":
+        return "", str(record["text"])
+    if fmt == "prompt-completion":
+        return str(record["prompt"]), str(record["completion"])
+    if fmt == "alpaca":
+        extra = record.get("input") or ""
+        template = ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT
+        return template.format(instruction=record["instruction"], input=extra), str(record["output"])
+    raise LorankError(f"format {fmt}: not a generation format")
+
+
+def _chat_tokens(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
+    """Render with the chat template; supervise only assistant turns (found by prefix lengths)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorankError("format chat: the model's tokenizer has no chat template")
+
+    def render(msgs, gen):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    ids = render(messages, False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(render(messages[:i], True))
+        end = len(render(messages[: i + 1], False))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def label_vocabulary(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Label string -> class id, sorted so the mapping does not depend on record order."""
+    labels = sorted({str(r["label"]) for r in records})
+    return {lab: i for i, lab in enumerate(labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the prepared dataset
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and validation sets plus what produced them."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    fmt: str
+    task: str
+    label_ids: dict[str, int] | None
+    data_hash: str
+    source: str
+    dropped: int = 0
+    duplicate_rate: float = 0.0
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_ids) if self.label_ids else None
+
+
+def data_hash(records: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def read_dataset(source: str | Path, fmt: str | None = None) -> tuple[list[dict], str]:
+    """Load and validate records; return them with their (detected or given) format."""
+    records = load_records(source)
+    if not records:
+        raise LorankError(f"{source}: empty dataset (no records)")
+    fmt = fmt or detect_format(records, str(source))
+    check_columns(records, fmt, str(source))
+    return records, fmt
+
+
+def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
+            val_source: str | Path | None = None, val_fraction: float = 0.1,
+            max_val: int = 256, max_length: int = 512, seed: int = 0) -> PreparedData:
+    """Load, tokenize, mask and split; the split is seeded so the same inputs give the same sets."""
+    records, fmt = read_dataset(source, fmt)
+    val_records = None
+    if val_source is not None:
+        val_records, _ = read_dataset(val_source, fmt)
+    task = "classification" if fmt == "classification" else "causal"
+    label_ids = label_vocabulary(records + (val_records or [])) if task == "classification" else None
+    keys = [json.dumps(r, sort_keys=True, default=str) for r in records]
+    duplicate_rate = 1.0 - len(set(keys)) / len(keys)
+
+    if val_records is None:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_val = min(max_val, max(1, int(round(val_fraction * len(records)))))
+        if len(records) < 2:
+            raise LorankError(f"{source}: need at least 2 records to split off validation")
+        val_records = [records[i] for i in order[:n_val]]
+        train_records = [records[i] for i in order[n_val:]]
+    else:
+        train_records = records
+
+    def tok_all(rs):
+        out = [tokenize(r, fmt, tokenizer, max_length, label_ids) for r in rs]
+        return [e for e in out if e is not None], sum(e is None for e in out)
+
+    train, dropped_train = tok_all(train_records)
+    val, dropped_val = tok_all(val_records)
+    if not train:
+        raise LorankError(
+            f"{source}: no supervised tokens after masking and truncation to --max-length "
+            f"{max_length} (format {fmt})"
+        )
+    if not val:
+        raise LorankError(f"{val_source or source}: validation set has no supervised tokens")
+    return PreparedData(train, val, fmt, task, label_ids,
+                        data_hash(records + (val_records if val_source else [])), str(source),
+                        dropped_train + dropped_val, duplicate_rate)
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into a batch (labels padded with -100)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    seq_labels = isinstance(examples[0]["labels"], list)
+    labels = (
+        torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        if seq_labels
+        else torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+    )
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+        if seq_labels:
+            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def supervised_tokens(example: dict[str, Any]) -> int:
+    """Tokens that carry loss (labels shift by one in causal LMs: the first is never predicted)."""
+    if isinstance(example["labels"], list):
+        return sum(lab != IGNORE_INDEX for lab in example["labels"][1:])
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+
+
+@dataclass
+class DataProfile:
+    """What the dataset holds and what the base model still pays on it."""
+
+    format: str
+    task: str
+    examples: int
+    val_examples: int
+    supervised_tokens: int
+    total_tokens: int
+    length_percentiles: dict[str, float]
+    duplicate_rate: float
+    dropped: int
+    base_loss_nats: float | None = None
+    base_loss_bits: float | None = None
+    base_loss_sample: int = 0
+    label_entropy_bits: float | None = None
+    num_labels: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bits(self) -> float:
+        """Bits the base model pays on the training set's supervised tokens (or labels)."""
+        if self.task == "classification":
+            return float(self.label_entropy_bits or 0.0) * self.examples
+        return float(self.base_loss_bits or 0.0) * self.supervised_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_bits"] = self.total_bits
+        return d
+
+
+def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int = 8,
+            pad_token_id: int = 0, progress: bool = True, seed: int = 0) -> DataProfile:
+    """Count examples and tokens; measure the base model's loss on a seeded sample."""
+    lengths = np.array([len(e["input_ids"]) for e in data.train])
+    sup = sum(supervised_tokens(e) for e in data.train)
+    prof = DataProfile(
+        format=data.fmt, task=data.task, examples=len(data.train), val_examples=len(data.val),
+        supervised_tokens=sup, total_tokens=int(lengths.sum()),
+        length_percentiles={f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}
+        | {"max": float(lengths.max())},
+        duplicate_rate=data.duplicate_rate, dropped=data.dropped, num_labels=data.num_labels,
+    )
+    if data.task == "classification":
+        counts = np.bincount([e["labels"] for e in data.train], minlength=data.num_labels or 1)
+        p = counts[counts > 0] / counts.sum()
+        prof.label_entropy_bits = float(-(p * np.log2(p)).sum())
+        prof.notes.append("classification: the bits to learn are the label entropy per example")
+        return prof
+    if model is not None:
+        rng = random.Random(seed)
+        picked = rng.sample(data.train, min(sample, len(data.train)))
+        nats, tokens = _summed_loss(model, picked, pad_token_id, batch_size, progress)
+        prof.base_loss_nats = nats / max(tokens, 1)
+        prof.base_loss_bits = prof.base_loss_nats / math.log(2)
+        prof.base_loss_sample = len(picked)
+    return prof
+
+
+@torch.no_grad()
+def _summed_loss(model, examples, pad_token_id, batch_size, progress) -> tuple[float, int]:
+    """Summed next-token loss (nats) over supervised tokens, and their count."""
+    from lorank.report import progress_bar
+
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    with progress_bar(progress) as bar:
+        task = bar.add_task("base-model loss", total=len(batches))
+        for chunk in batches:
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(loss)
+            tokens += int((labels != IGNORE_INDEX).sum())
+            bar.advance(task)
+    return total, tokens

@@ -1,0 +1,135 @@
+"""Decide: weigh all Evidence into one Recommendation with confidence, reasons and warnings.
+
+Trust order: a measured rank–loss curve (sweep, then probe) decides; a data estimate (gradient
+spectrum) decides when no curve exists; a ceiling (capacity) only caps the others, and alone
+gives the largest rank the data could fill, with low confidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lorank.estimators.base import Evidence
+from lorank.targets import CANDIDATE_RANKS, TargetSet, adapter_bytes, memory_estimate
+
+DEFAULT_ALPHA = 16.0  # with rsLoRA the scale is alpha / sqrt(r): fixed alpha across ranks
+CURVE_TRUST = ("sweep", "probe", "svd-probe")
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    modules_to_save: list[str]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    trainable_params: int
+    adapter_bytes: int
+    memory: dict[str, int]
+    confidence: str
+    evidence: list[dict[str, Any]]
+    rationale: list[str]
+    warnings: list[str]
+    candidates: list[dict[str, Any]]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    task_type: str = "CAUSAL_LM"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def candidate_ranks(targets: TargetSet, max_candidate: int = 256) -> list[int]:
+    ranks = [r for r in CANDIDATE_RANKS if r <= min(max_candidate, targets.max_rank)]
+    return ranks or [1]
+
+
+def snap_up(rank: float, ranks: list[int]) -> int:
+    """Smallest candidate rank >= `rank` (the largest candidate if none is)."""
+    for r in ranks:
+        if r >= rank:
+            return r
+    return ranks[-1]
+
+
+def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | None = None,
+           task: str = "causal", batch_size: int = 8, seq_len: int = 512,
+           lora_alpha: float = DEFAULT_ALPHA, inputs: dict[str, Any] | None = None
+           ) -> Recommendation:
+    """Turn the estimators' Evidence into one Recommendation (see module docstring)."""
+    ranks = ranks or candidate_ranks(targets)
+    rationale: list[str] = []
+    warnings: list[str] = []
+    by_kind = {k: [e for e in evidence if e.kind == k and e.suggested_rank is not None]
+               for k in ("curve", "estimate", "ceiling")}
+    ceiling = min((e.suggested_rank for e in by_kind["ceiling"]), default=None)
+    curves = sorted(by_kind["curve"], key=lambda e: _trust(e.name))
+    pattern: dict[str, int] = {}
+
+    if curves:
+        chosen = curves[0]
+        rank = snap_up(chosen.suggested_rank, ranks)
+        confidence = chosen.details.get("confidence", "medium")
+        rationale.append(f"{chosen.name}: smallest rank within tolerance of the best measured "
+                         f"loss is {chosen.suggested_rank}")
+        rationale += chosen.notes
+    elif by_kind["estimate"]:
+        chosen = by_kind["estimate"][0]
+        rank = snap_up(chosen.suggested_rank, ranks)
+        pattern = dict(chosen.rank_pattern)
+        lo, hi = chosen.interval or (rank, rank)
+        confidence = "medium" if hi <= 4 * max(lo, 1) else "low"
+        rationale.append(f"{chosen.name}: the data asks for about {chosen.suggested_rank} "
+                         f"directions (range {lo}–{hi}); rounded up to rank {rank}")
+        rationale += chosen.notes
+    elif ceiling is not None:
+        rank = snap_up(ceiling, ranks)
+        confidence = "low"
+        rationale.append(
+            f"only a capacity ceiling is measured: rank {rank} is the largest rank this data "
+            "could fill, so a larger one would be waste; the evidence says nothing finer "
+            "(add the gradient spectrum or a probe)")
+    else:
+        rank = snap_up(16, ranks)
+        confidence = "low"
+        rationale.append("no estimator gave a rank: falling back to the common default 16")
+        warnings.append("no evidence about this dataset: the rank is folklore, not measured")
+
+    if ceiling is not None and rank > ceiling and (curves or by_kind["estimate"]):
+        warnings.append(f"rank {rank} is above the capacity ceiling {ceiling}: the data cannot "
+                        "fill it (the ceiling is loose; trust the measured evidence)")
+    for e in evidence:
+        if e.kind == "ceiling":
+            rationale += [n for n in e.notes if n not in rationale]
+
+    if pattern:
+        pattern = {k: max(1, min(v, targets.max_rank)) for k, v in pattern.items() if v != rank}
+        params = targets.params_pattern(rank, pattern)
+    else:
+        params = targets.params(rank)
+    memory = memory_estimate(targets, rank, batch_size=batch_size, seq_len=seq_len).to_dict()
+    candidates = []
+    for r in ranks:
+        candidates.append({
+            "rank": r, "params": targets.params(r), "adapter_bytes": adapter_bytes(targets, r),
+            "memory_total": memory_estimate(targets, r, batch_size=batch_size,
+                                            seq_len=seq_len).total,
+            "says": {e.name: e.per_rank.get(r, "") for e in evidence},
+        })
+    return Recommendation(
+        rank=rank, lora_alpha=lora_alpha, use_rslora=True,
+        target_modules=targets.peft_target_modules, modules_to_save=targets.modules_to_save,
+        rank_pattern=pattern, alpha_pattern={}, trainable_params=params,
+        adapter_bytes=4 * params, memory=memory, confidence=confidence,
+        evidence=[e.to_dict() for e in evidence], rationale=rationale, warnings=warnings,
+        candidates=candidates, inputs=inputs or {},
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+    )
+
+
+def _trust(name: str) -> int:
+    return CURVE_TRUST.index(name) if name in CURVE_TRUST else len(CURVE_TRUST)
+
+

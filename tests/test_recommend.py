@@ -1,0 +1,83 @@
+"""recommend end to end on tiny local models; exports that PEFT loads; the decision's inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import LoraConfig, get_peft_model
+
+from lorank import api
+from lorank.errors import LorankError
+from lorank.models import load_model, resolve_source
+
+
+def test_local_directory_loads(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    assert loaded.task == "causal" and loaded.pad_token_id == 0
+
+
+def test_unknown_model_lists_aliases():
+    with pytest.raises(LorankError, match="not found.*smollm2-135m, minilm-l6"):
+        resolve_source("no-such-model")
+
+
+def test_missing_gguf():
+    with pytest.raises(LorankError, match="model file not found: /nope/m.gguf"):
+        resolve_source("/nope/m.gguf")
+
+
+def test_recommend_causal_writes_peft_loadable_config(tiny_llama_dir, pc_data, tmp_path):
+    out = tmp_path / "out"
+    rec = api.recommend(str(tiny_llama_dir), pc_data, out=out, progress=False, max_length=64)
+    saved = json.loads((out / "recommendation.json").read_text())
+    for key in ("rank", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
+                "trainable_params", "memory", "confidence", "evidence", "rationale", "warnings",
+                "inputs"):
+        assert key in saved, key
+    assert saved["inputs"]["data_hash"] and saved["inputs"]["versions"]["peft"]
+    assert saved["evidence"][0]["name"] == "capacity" and saved["evidence"][0]["cost_seconds"] > 0
+    config = LoraConfig.from_pretrained(str(out))
+    assert config.r == rec.rank and config.use_rslora
+    model = load_model(str(tiny_llama_dir)).model
+    peft_model = get_peft_model(model, config)
+    assert peft_model.get_nb_trainable_parameters()[0] == rec.trainable_params
+
+
+def test_recommend_is_deterministic(tiny_llama_dir, pc_data):
+    a = api.recommend(str(tiny_llama_dir), pc_data, progress=False, seed=3, max_length=64)
+    b = api.recommend(str(tiny_llama_dir), pc_data, progress=False, seed=3, max_length=64)
+    strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "evidence"}  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_capacity_ceiling_grows_with_data(tiny_llama_dir, tmp_path):
+    from conftest import write_jsonl
+
+    small = write_jsonl(tmp_path / "s.jsonl", [{"text": f"w{i} " * 3} for i in range(10)])
+    big = write_jsonl(tmp_path / "b.jsonl", [{"text": f"w{i} " * 30} for i in range(400)])
+    r_small = api.recommend(str(tiny_llama_dir), small, progress=False, max_length=128)
+    r_big = api.recommend(str(tiny_llama_dir), big, progress=False, max_length=128)
+    assert r_small.rank < r_big.rank
+
+
+def test_recommend_classification(tiny_bert_dir, cls_data, tmp_path):
+    out = tmp_path / "cls"
+    rec = api.recommend(str(tiny_bert_dir), cls_data, out=out, progress=False)
+    assert rec.task_type == "SEQ_CLS" and rec.modules_to_save == ["classifier"]
+    config = LoraConfig.from_pretrained(str(out))
+    model = load_model(str(tiny_bert_dir), num_labels=3, task="classification").model
+    assert get_peft_model(model, config).get_nb_trainable_parameters()[0] == rec.trainable_params
+
+
+def test_forced_rank_checked(tiny_llama_dir, pc_data):
+    with pytest.raises(LorankError, match="exceeds min"):
+        api.recommend(str(tiny_llama_dir), pc_data, rank=64, progress=False)
+    rec = api.recommend(str(tiny_llama_dir), pc_data, rank=4, progress=False)
+    assert rec.rank == 4 and "forced" in rec.rationale[0]
+
+
+def test_format_does_not_fit_model(tiny_llama_dir, cls_data):
+    loaded = load_model(str(tiny_llama_dir))
+    with pytest.raises(LorankError, match="does not fit a causal model"):
+        api.recommend(loaded, cls_data, progress=False)
