@@ -132,3 +132,55 @@ def _forced(rec: Recommendation, rank: int, targets: TargetSet, batch_size: int,
     rec.adapter_bytes = 4 * rec.trainable_params
     rec.memory = memory_estimate(targets, rank, batch_size=batch_size, seq_len=seq_len).to_dict()
     return rec
+
+
+def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: list[float],
+          seeds: list[int] = (0,), steps: int = 100, batch_size: int = 8, eval_every: int = 0,
+          targets: str = "all-linear", fmt: str | None = None, val_data: str | Path | None = None,
+          max_length: int = 512, lora_alpha: float | None = None, warmup_ratio: float = 0.1,
+          storage: str | None = None, prune: bool = False, max_trials: int | None = None,
+          out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
+          device: str = "cpu", trust_remote_code: bool = False, progress: bool = True):
+    """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`)."""
+    from lorank.sweep import SweepSpec, model_factory_from, run_sweep
+    from lorank.train import DEFAULT_ALPHA
+
+    out = ensure_writable(Path(out))
+    loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
+                                      max_length=max_length, seed=seed, dtype=dtype,
+                                      device=device, trust_remote_code=trust_remote_code)
+    target_set = resolve_targets(loaded.model, targets)
+    for r in ranks:
+        target_set.check_rank(r)
+    recipe = {"target_modules": target_set.peft_target_modules,
+              "modules_to_save": target_set.modules_to_save or None,
+              "steps": steps, "batch_size": batch_size,
+              "eval_every": eval_every or max(1, steps // 4),
+              "lora_alpha": lora_alpha or DEFAULT_ALPHA, "use_rslora": True,
+              "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
+    spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe)
+    meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
+            "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
+            "targets": targets, "max_length": max_length, "split_seed": seed,
+            "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions()}
+    return run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
+                     pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
+                     max_trials=max_trials, progress=progress, meta=meta)
+
+
+def task_inputs(name: str, out: str | Path, seed: int = 0) -> tuple[str, str, str, dict]:
+    """Build a benchmark task's data into OUT/data; return model, train, val and its recipe."""
+    from lorank.tasks import TASKS, build_task
+
+    if name not in TASKS:
+        raise LorankError(f"--task {name}: unknown task; known: {', '.join(TASKS)}")
+    spec = TASKS[name]
+    try:
+        paths = build_task(name, Path(out) / "data", seed=seed)
+    except ValueError as err:
+        raise LorankError(str(err)) from None
+    recipe = {"ranks": ",".join(map(str, spec.ranks)), "lrs": ",".join(f"{x:g}" for x in spec.lrs),
+              "seeds": ",".join(map(str, spec.seeds)), "steps": spec.steps,
+              "batch_size": spec.batch_size, "max_length": spec.max_length,
+              "lora_alpha": spec.lora_alpha}
+    return spec.model, str(paths["train"]), str(paths["val"]), recipe

@@ -91,6 +91,70 @@ def targets(
 
 
 @app.command()
+def sweep(
+    model: str = typer.Option(None, "--model", "-m", help="as in `recommend` (or from --task)"),
+    data: str = typer.Option(None, "--data", "-d", help="as in `recommend` (or from --task)"),
+    task: str = typer.Option(None, help="a benchmark task (lorank.tasks): builds its data into "
+                             "OUT/data and takes its recipe; options given here override it"),
+    ranks: str = typer.Option(None, help="comma-separated ranks [1,2,4,8,16,32,64]"),
+    lrs: str = typer.Option(None, help="comma-separated learning rates [5e-4,2e-3]"),
+    seeds: str = typer.Option(None, help="comma-separated training seeds [0,1]"),
+    steps: int = typer.Option(None, help="optimizer steps per run [100]"),
+    batch_size: int = typer.Option(None, help="batch size per step [8]"),
+    eval_every: int = typer.Option(0, help="evaluate every N steps (0: steps/4)"),
+    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
+    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
+    max_length: int = typer.Option(None, help="truncate examples to this many tokens [512]"),
+    lora_alpha: float = typer.Option(None, help="fixed alpha for every rank (rsLoRA) [8]"),
+    storage: str = typer.Option(None, help="study storage URL (default: sqlite in --out); "
+                                "postgresql://... lets many workers share the sweep"),
+    prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
+    max_trials: int = typer.Option(None, help="stop this worker after N trials"),
+    out: Path = typer.Option(Path("lorank-sweep"), help="output directory"),
+    seed: int = typer.Option(0, help="seed of the task build and the train/validation split"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Train one LoRA per (rank, lr, seed); resumable; writes sweep.json and rank_loss.png."""
+    from lorank.api import sweep as api_sweep
+    from lorank.sweep import parse_list
+
+    given = {"ranks": ranks, "lrs": lrs, "seeds": seeds, "steps": steps,
+             "batch_size": batch_size, "max_length": max_length, "lora_alpha": lora_alpha}
+    defaults = {"ranks": "1,2,4,8,16,32,64", "lrs": "5e-4,2e-3", "seeds": "0,1", "steps": 100,
+                "batch_size": 8, "max_length": 512, "lora_alpha": None}
+    if task is not None:
+        from lorank.api import task_inputs
+
+        model, data, val_data, recipe = task_inputs(task, out, seed=seed)
+        defaults |= recipe
+    elif model is None or data is None:
+        raise LorankError("sweep needs --model and --data, or --task NAME")
+    opts = {k: v if v is not None else defaults[k] for k, v in given.items()}
+    result = api_sweep(model, data, ranks=parse_list(opts["ranks"], int, "ranks"),
+                       lrs=parse_list(opts["lrs"], float, "lrs"),
+                       seeds=parse_list(opts["seeds"], int, "seeds"),
+                       steps=int(opts["steps"]), batch_size=int(opts["batch_size"]),
+                       eval_every=eval_every, targets=targets, fmt=fmt, val_data=val_data,
+                       max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
+                       storage=storage, prune=prune, max_trials=max_trials, out=out, seed=seed,
+                       dtype=dtype, device=device, progress=not quiet)
+    from rich.table import Table
+
+    table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")
+    for col in ("rank", "val loss", "± se", "seed sd", "lr", "seeds"):
+        table.add_column(col, justify="right")
+    for r, row in sorted(result.curve.items()):
+        table.add_row(str(r), f"{row['loss']:.4f}", f"{row['se']:.4f}", f"{row['seed_sd']:.4f}",
+                      f"{row['lr']:g}", str(row["seeds"]))
+    console.print(table)
+    console.print(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, "
+                  f"{out}/rank_loss.png")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
     n: int = typer.Option(400, help="examples to build from the standard library"),

@@ -13,7 +13,7 @@ from typing import Any
 from lorank.estimators.base import Evidence
 from lorank.targets import CANDIDATE_RANKS, TargetSet, adapter_bytes, memory_estimate
 
-DEFAULT_ALPHA = 16.0  # with rsLoRA the scale is alpha / sqrt(r): fixed alpha across ranks
+DEFAULT_ALPHA = 8.0  # = lorank.train.DEFAULT_ALPHA; rsLoRA scale alpha / sqrt(r), fixed alpha
 CURVE_TRUST = ("sweep", "probe", "svd-probe")
 
 

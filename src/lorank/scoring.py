@@ -1,0 +1,227 @@
+"""The definitions every benchmark result is judged by (DESIGN.md, "The problem, stated so it
+can be measured"): the right rank r*, and regret, waste and cost of a recommendation.
+
+Pure numpy so that scoring never depends on the training stack that produced the losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+REL_TOL = 0.01  # a 1% loss difference is never worth more parameters
+Z = 2.0  # "clearly worse" = more than two standard errors
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of the mean of the per-example differences a - b.
+
+    Both arrays hold losses of the same validation examples in the same order; pairing
+    removes the example-to-example spread, which dwarfs the difference between ranks.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_se needs two 1-d arrays of one length, got {a.shape}, {b.shape}")
+    if a.size < 2:
+        return 0.0
+    return float(np.std(a - b, ddof=1) / math.sqrt(a.size))
+
+
+def unpaired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) - mean(b) as if a and b were independent samples.
+
+    Only for comparison: on per-example losses it is several times `paired_se`, and a
+    tolerance built from it would call almost any rank right.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(math.sqrt(np.var(a, ddof=1) / a.size + np.var(b, ddof=1) / b.size))
+
+
+@dataclass
+class RightRank:
+    """The smallest rank whose validation loss is within tolerance of the best rank's.
+
+    Dict keys are ranks; `to_dict` turns them into strings for JSON and `from_dict` back.
+    """
+
+    r_star: int
+    best_rank: int
+    L_best: float
+    L: dict[int, float]  # mean validation loss per rank
+    tol: dict[int, float]  # tolerance rank r was judged with
+    se: dict[int, float]  # paired SE of rank r vs the best rank
+    seed_sd: dict[int, float] | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self.L)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("L", "tol", "se", "seed_sd"):
+            if d[key] is not None:
+                d[key] = {str(r): v for r, v in sorted(d[key].items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> RightRank:
+        def keyed(m: Mapping | None) -> dict[int, float] | None:
+            return None if m is None else {int(r): float(v) for r, v in m.items()}
+
+        return cls(
+            r_star=int(d["r_star"]),
+            best_rank=int(d["best_rank"]),
+            L_best=float(d["L_best"]),
+            L=keyed(d["L"]),
+            tol=keyed(d["tol"]),
+            se=keyed(d["se"]),
+            seed_sd=keyed(d.get("seed_sd")),
+        )
+
+
+def right_rank(
+    per_rank_losses: Mapping[int, np.ndarray],
+    seed_spread: Mapping[int, float] | None = None,
+    rel_tol: float = REL_TOL,
+    z: float = Z,
+) -> RightRank:
+    """r* from per-example validation losses of the best run at each rank.
+
+    With L(r) the mean loss at rank r, best = argmin_r L(r) (smallest rank on ties),
+    SE_r = paired_se(losses[r], losses[best]) and s_r = seed_spread[r] (0 when not given):
+
+        tol_r = max(rel_tol * L_best, z * sqrt(SE_r^2 + s_r^2 + s_best^2))
+        r*    = smallest r with L(r) <= L_best + tol_r
+
+    s_r is the seed-to-seed standard deviation of one run's L(r) (pass sd / sqrt(k) if L(r)
+    is already a mean over k seeds). Seeds are independent runs, so their variances add to
+    the example-sampling variance of the difference. The best rank always qualifies, so r*
+    exists and r* <= best.
+    """
+    if not per_rank_losses:
+        raise ValueError("right_rank needs losses for at least one rank")
+    losses = {int(r): np.asarray(v, dtype=float) for r, v in per_rank_losses.items()}
+    lengths = {v.shape for v in losses.values()}
+    if len(lengths) != 1 or next(iter(lengths)) == (0,) or len(next(iter(lengths))) != 1:
+        raise ValueError(f"every rank needs the same non-empty 1-d validation set, got {lengths}")
+    for r, v in losses.items():
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"rank {r} has non-finite losses; drop that rank or fix the run")
+    ranks = sorted(losses)
+    L = {r: float(losses[r].mean()) for r in ranks}
+    best = min(ranks, key=lambda r: (L[r], r))
+    sd = {r: float(seed_spread.get(r, 0.0)) for r in ranks} if seed_spread else None
+    se, tol = {}, {}
+    for r in ranks:
+        se[r] = paired_se(losses[r], losses[best])
+        seed_var = (sd[r] ** 2 + sd[best] ** 2) if sd and r != best else 0.0
+        tol[r] = max(rel_tol * L[best], z * math.sqrt(se[r] ** 2 + seed_var))
+    r_star = next(r for r in ranks if L[r] <= L[best] + tol[r])
+    return RightRank(r_star=r_star, best_rank=best, L_best=L[best], L=L, tol=tol, se=se, seed_sd=sd)
+
+
+def interpolate_loss(L: Mapping[int, float], r: float) -> float:
+    """L at any rank: exact on the grid, linear in log2(rank) between swept neighbours.
+
+    Outside the swept range the nearest end is used (the curve is taken as flat beyond it),
+    which for a rank above the grid assumes the sweep reached the plateau.
+    """
+    ranks = sorted(L)
+    if r in L:
+        return float(L[r])
+    if r <= ranks[0]:
+        return float(L[ranks[0]])
+    if r >= ranks[-1]:
+        return float(L[ranks[-1]])
+    hi = next(k for k in ranks if k > r)
+    lo = max(k for k in ranks if k < r)
+    w = (math.log2(r) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return float((1 - w) * L[lo] + w * L[hi])
+
+
+def _L(curve: Mapping[int, float] | RightRank) -> Mapping[int, float]:
+    return curve.L if isinstance(curve, RightRank) else curve
+
+
+def regret(L: Mapping[int, float] | RightRank, r_rec: float) -> float:
+    """(L(r_rec) - min_r L(r)) / min_r L(r): quality lost by following the recommendation.
+
+    Off-grid ranks use `interpolate_loss` (linear in log-rank between swept neighbours).
+    """
+    curve = _L(L)
+    L_min = min(curve.values())
+    return (interpolate_loss(curve, r_rec) - L_min) / L_min
+
+
+def _params(params: Mapping[int, float] | Callable[[int], float], r: float) -> float:
+    """params(r): called if callable; from a table, interpolated linearly in r.
+
+    LoRA parameters are affine in r (r * sum(d_in + d_out), plus any trained head), so
+    linear interpolation, and extrapolation from the two nearest entries, is exact.
+    """
+    if callable(params):
+        return float(params(r))
+    if r in params:
+        return float(params[r])
+    ranks = sorted(params)
+    if len(ranks) < 2:
+        raise ValueError(f"need params for rank {r} or at least two ranks to interpolate")
+    below = [k for k in ranks if k < r]
+    above = [k for k in ranks if k > r]
+    if below and above:
+        lo, hi = below[-1], above[0]
+    elif above:
+        lo, hi = above[0], above[1]
+    else:
+        lo, hi = below[-2], below[-1]
+    slope = (params[hi] - params[lo]) / (hi - lo)
+    return float(params[lo] + slope * (r - lo))
+
+
+def waste(params: Mapping[int, float] | Callable[[int], float], r_rec: float, r_star: int) -> float:
+    """params(r_rec) / params(r*): capacity paid for and not needed (1 = exact; < 1 = too small,
+    which shows up as regret instead)."""
+    return _params(params, r_rec) / _params(params, r_star)
+
+
+def cost(steps_spent: float, n_ranks: int, n_lrs: int, steps: int) -> float:
+    """Compute spent, in training steps, as a fraction of one seed's full sweep
+    (n_ranks x n_lrs runs of `steps` steps). Evaluation-only work should be converted to
+    step equivalents by the caller before it is passed in."""
+    full = n_ranks * n_lrs * steps
+    if full <= 0:
+        raise ValueError("the full sweep must have a positive number of steps")
+    return steps_spent / full
+
+
+def score(
+    method_name: str,
+    r_rec: float,
+    right: RightRank,
+    params_per_rank: Mapping[int, float] | Callable[[int], float],
+    cost_fraction: float,
+) -> dict:
+    """One benchmark row: how a method's recommendation compares with the sweep's truth.
+
+    `acceptable` says whether L(r_rec) is within the tolerance of the best (tolerance
+    interpolated like L for an off-grid rank), i.e. the recommendation loses no measurable
+    quality; waste then says how much it overpays.
+    """
+    L_rec = interpolate_loss(right.L, r_rec)
+    tol_rec = interpolate_loss(right.tol, r_rec)
+    return {
+        "method": method_name,
+        "r_rec": r_rec,
+        "on_grid": r_rec in right.L,
+        "r_star": right.r_star,
+        "best_rank": right.best_rank,
+        "L_rec": L_rec,
+        "L_min": right.L_best,
+        "regret": regret(right, r_rec),
+        "waste": waste(params_per_rank, r_rec, right.r_star),
+        "cost": float(cost_fraction),
+        "acceptable": bool(L_rec <= right.L_best + tol_rec),
+    }

@@ -1,0 +1,394 @@
+"""Sweep: independent LoRA runs over ranks x learning rates x seeds, in an Optuna study.
+
+The study lives in SQLite inside the output directory by default, or in any SQLAlchemy URL
+(`--storage postgresql://...`) so many workers share one sweep. Every grid point is enqueued
+once; a worker pops a waiting trial, claims it (two-phase, so two workers never train the same
+point), trains it with the shared loop (`lorank.train.train_lora`) and stores the result with
+its per-example validation losses. Killing a worker and running the same command again fails
+the dead worker's trial, re-enqueues that point and continues: finished trials are never lost
+or repeated. Optional successive-halving pruning (Optuna's pruner) stops weak runs early.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from lorank.errors import LorankError
+from lorank.report import atomic_write_text, plot_rank_curve, progress_bar
+from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+STUDY_NAME = "lorank-sweep"
+FINISHED = "finished"  # user attr: the grid point has its answer (ok, diverged or pruned)
+
+
+@dataclass
+class SweepSpec:
+    """The grid and the recipe every trial shares (a TrainConfig minus rank, lr and seed)."""
+
+    ranks: list[int]
+    lrs: list[float]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+    def grid(self) -> list[dict[str, Any]]:
+        return [{"rank": r, "lr": lr, "seed": s}
+                for r in self.ranks for lr in self.lrs for s in self.seeds]
+
+    def config(self, point: dict[str, Any]) -> TrainConfig:
+        return TrainConfig.from_dict({**self.recipe, "rank": point["rank"],
+                                      "learning_rate": point["lr"], "seed": point["seed"]})
+
+
+def parse_list(text: str, kind: type, name: str) -> list:
+    """Parse a comma-separated option ('1,2,4'); one clear error if it is empty or malformed."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise LorankError(f"--{name}: empty list; expected comma-separated values like 1,2,4")
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise LorankError(f"--{name} {text}: expected comma-separated {kind.__name__} values"
+                          ) from None
+    if name == "ranks" and any(v < 1 for v in values):
+        raise LorankError(f"--{name} {text}: ranks must be positive integers")
+    if kind is float and any(not math.isfinite(v) or v <= 0 for v in values):
+        raise LorankError(f"--{name} {text}: learning rates must be positive numbers")
+    return values
+
+
+def open_study(out: Path, storage: str | None, prune: bool) -> optuna.Study:
+    """Create or load the study; an unusable storage URL is one clear error."""
+    url = storage or f"sqlite:///{Path(out).resolve() / 'sweep.db'}"
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+              if prune else optuna.pruners.NopPruner())
+    for attempt in range(6):  # workers starting together race to create the schema
+        try:
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            return optuna.create_study(study_name=STUDY_NAME, storage=rdb, load_if_exists=True,
+                                       direction="minimize", pruner=pruner)
+        except Exception as err:  # sqlalchemy / driver errors vary; the user needs one line
+            reason = str(err).splitlines()[0][:200]
+            if "already exists" in reason and attempt < 5:
+                time.sleep(0.5 + attempt)
+                continue
+            raise LorankError(f"--storage {url}: cannot open the study storage ({reason})"
+                              ) from None
+    raise AssertionError("unreachable")
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return (int(params["rank"]), float(params["lr"]), int(params["seed"]))
+
+
+def _point_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    fixed = trial.system_attrs.get("fixed_params") or trial.params
+    return fixed if fixed and {"rank", "lr", "seed"} <= set(fixed) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _worker_file(out: Path, host: str, pid: int) -> Path:
+    return Path(out) / "workers" / f"{host}-{pid}"
+
+
+def register_worker(out: Path) -> Path:
+    """Mark this process as a live worker of the sweep (for orphan detection on this host)."""
+    path = _worker_file(out, socket.gethostname(), os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(time.time()))
+    return path
+
+
+def _other_live_workers(out: Path) -> bool:
+    host, me = socket.gethostname(), os.getpid()
+    for f in (Path(out) / "workers").glob(f"{host}-*"):
+        pid = int(f.name.rsplit("-", 1)[1])
+        if pid != me and _alive(pid):
+            return True
+    return False
+
+
+def recover_interrupted(study: optuna.Study, out: Path, orphan_age: float = 600.0) -> int:
+    """Settle RUNNING trials whose worker died (e.g. kill -9): finish them from their result
+    file when it was written, otherwise fail them so their point is enqueued again.
+
+    A trial is dead when its recorded worker (host, pid) on this host is gone, or when it has no
+    worker recorded yet (killed between popping and marking) and no other worker of this sweep
+    lives on this host (or it is older than `orphan_age` seconds, for workers elsewhere).
+    """
+    host, n = socket.gethostname(), 0
+    others = _other_live_workers(out)
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.user_attrs
+        if "pid" in attrs:
+            dead = attrs.get("host") == host and not _alive(int(attrs["pid"]))
+        else:
+            age = now - t.datetime_start.timestamp() if t.datetime_start else 0.0
+            dead = not others or age > orphan_age
+        if not dead:
+            continue
+        record = _result_file_record(out, t)
+        if record is not None:
+            _finish(study, t._trial_id, record)
+        else:
+            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        n += 1
+    return n
+
+
+def _result_path(out: Path, point: dict[str, Any]) -> Path:
+    return Path(out) / "trials" / f"r{point['rank']}_lr{point['lr']:g}_s{point['seed']}.json"
+
+
+def _result_file_record(out: Path, t: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    point = _point_of(t)
+    path = _result_path(out, point) if point else None
+    if path is None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("trial") == t.number else None
+
+
+def _finish(study: optuna.Study, trial_id: int, record: dict[str, Any]) -> None:
+    """Store a finished trial's result (attributes first, then the final state)."""
+    storage = study._storage
+    for key in ("status", "per_example", "curve", "wall_seconds", "steps_done",
+                "trainable_params"):
+        storage.set_trial_user_attr(trial_id, key, record[key])
+    storage.set_trial_user_attr(trial_id, FINISHED, True)
+    if record["status"] == "pruned":
+        storage.set_trial_state_values(trial_id, state=TrialState.PRUNED)
+    elif record["status"] == "ok":
+        storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE,
+                                       values=[record["best_val_loss"]])
+    else:
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+
+
+def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
+    """Enqueue every grid point that has no finished, running or waiting trial."""
+    covered = set()
+    for t in study.get_trials(deepcopy=False):
+        point = _point_of(t)
+        if point is None:
+            continue
+        live = t.state in (TrialState.RUNNING, TrialState.WAITING)
+        if live or t.user_attrs.get(FINISHED):
+            covered.add(_key(point))
+    n = 0
+    for point in spec.grid():
+        if _key(point) not in covered:
+            study.enqueue_trial(point, skip_if_exists=False)
+            n += 1
+    return n
+
+
+def _claim(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any]) -> bool:
+    """Two-phase claim of a grid point: False if another trial has it (or already finished it)."""
+    def rivals() -> list[optuna.trial.FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.number != trial.number and _point_of(t) is not None
+                and _key(_point_of(t)) == _key(point)]
+
+    def holds(t: optuna.trial.FrozenTrial) -> bool:  # an interrupted (FAIL) claim holds nothing
+        return bool(t.user_attrs.get(FINISHED)
+                    or (t.user_attrs.get("claimed") and t.state == TrialState.RUNNING))
+
+    if any(holds(t) for t in rivals()):
+        return False
+    trial.set_user_attr("claimed", True)
+    return not any(t.user_attrs.get("claimed") and t.state == TrialState.RUNNING
+                   and t.number < trial.number for t in rivals())
+
+
+class _PruningEvaluator:
+    """Wraps the validation evaluator: reports to Optuna's pruner and stops pruned runs."""
+
+    def __init__(self, inner: ValLossEvaluator, trial: optuna.Trial):
+        self.inner, self.trial, self.pruned_at = inner, trial, None
+
+    def __call__(self, model, step: int) -> EvalPoint:
+        point = self.inner(model, step)
+        self.trial.report(point.val_loss, step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            point.stop, point.message = True, "pruned"
+        return point
+
+
+@dataclass
+class SweepResult:
+    trials: list[dict[str, Any]]
+    curve: dict[int, dict[str, Any]]
+    out: str
+    wall_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trials": self.trials, "curve": {str(k): v for k, v in self.curve.items()},
+                "out": self.out, "wall_seconds": self.wall_seconds}
+
+
+def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict],
+              spec: SweepSpec, out: Path, *, pad_token_id: int, storage: str | None = None,
+              prune: bool = False, max_trials: int | None = None, progress: bool = True,
+              meta: dict[str, Any] | None = None) -> SweepResult:
+    """Run (or continue) the sweep; return every finished trial and the rank–loss curve."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = open_study(out, storage, prune)
+    _check_same_sweep(study, spec, meta or {})
+    worker = register_worker(out)
+    try:
+        return _work(study, spec, out, model_factory, train_examples, val_examples,
+                     pad_token_id, max_trials, progress)
+    finally:
+        worker.unlink(missing_ok=True)
+
+
+def _work(study, spec, out, model_factory, train_examples, val_examples, pad_token_id,
+          max_trials, progress) -> SweepResult:
+    recover_interrupted(study, out)
+    enqueue_missing(study, spec)
+    start, done_here = time.time(), 0
+    total = len(spec.grid())
+    with progress_bar(progress) as bar:
+        task = bar.add_task("sweep", total=total, completed=_n_finished(study))
+        while max_trials is None or done_here < max_trials:
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                break
+            trial = study.ask()
+            point = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+            if point is None:  # the queue emptied under us: this trial was sampled, not popped
+                trial.set_user_attr("status", "spurious: queue was empty")
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            if not _claim(study, trial, point):
+                trial.set_user_attr("status", "skipped: another trial has this point")
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            for name, values in (("rank", spec.ranks), ("lr", spec.lrs), ("seed", spec.seeds)):
+                trial.suggest_categorical(name, values)
+            _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
+                       pad_token_id, out)
+            done_here += 1
+            bar.update(task, completed=_n_finished(study))
+    return summarize(study, spec, out, wall_seconds=time.time() - start)
+
+
+def _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
+               pad_token_id, out) -> None:
+    """Train one grid point; write its result file, then store it in the study."""
+    config = spec.config(point)
+    evaluator = _PruningEvaluator(
+        ValLossEvaluator(val_examples, pad_token_id, config.eval_batch_size or config.batch_size),
+        trial)
+    result = train_lora(model_factory, train_examples, val_examples, config,
+                        pad_token_id=pad_token_id, evaluator=evaluator, progress=False)
+    record = result.to_dict() | {"point": point, "trial": trial.number,
+                                 "per_example": result.best_val_losses}
+    if evaluator.pruned_at is not None:
+        record["status"] = "pruned"
+    path = _result_path(out, point)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    _finish(study, trial._trial_id, record)
+
+
+def _n_finished(study: optuna.Study) -> int:
+    return len({_key(_point_of(t)) for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get(FINISHED) and _point_of(t)})
+
+
+def _check_same_sweep(study: optuna.Study, spec: SweepSpec, meta: dict[str, Any]) -> None:
+    """A study belongs to one dataset and recipe: refuse to mix results from another."""
+    identity = {"recipe": spec.recipe, **{k: meta[k] for k in ("data_hash", "model") if k in meta}}
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", identity)
+        study.set_user_attr("meta", meta)
+    elif json.dumps(stored, sort_keys=True) != json.dumps(identity, sort_keys=True):
+        raise LorankError("this sweep's study was made with another model, dataset or recipe; "
+                          "use a new --out (or --storage) for a different sweep")
+
+
+def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
+              wall_seconds: float = 0.0) -> SweepResult:
+    """Per trial records and the rank–loss curve: L(r) = min over lr of the seed-mean loss."""
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        point = _point_of(t)
+        if point is None or not t.user_attrs.get(FINISHED):
+            continue
+        trials.append({"number": t.number, **point, "status": t.user_attrs.get("status"),
+                       "value": t.value, "per_example": t.user_attrs.get("per_example"),
+                       "wall_seconds": t.user_attrs.get("wall_seconds"),
+                       "steps_done": t.user_attrs.get("steps_done"),
+                       "trainable_params": t.user_attrs.get("trainable_params")})
+    curve = rank_loss_curve(trials)
+    result = SweepResult(trials, curve, str(out) if out else "", wall_seconds)
+    if out is not None and trials:
+        atomic_write_text(Path(out) / "sweep.json", json.dumps(
+            result.to_dict() | {"spec": asdict(spec), "meta": study.user_attrs.get("meta", {})},
+            indent=1))
+        if curve:
+            plot_rank_curve({"sweep": curve}, Path(out) / "rank_loss.png",
+                            title="sweep: best validation loss per rank")
+    return result
+
+
+def rank_loss_curve(trials: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Best learning rate per rank (by seed-mean loss), with its per-example losses and spread.
+
+    `per_example` is the seed-mean of per-example losses at that lr (paired across ranks),
+    `se` the standard error over examples, `seed_sd` the SD of the seeds' mean losses.
+    """
+    ok = [t for t in trials if t["status"] == "ok" and t["per_example"]]
+    curve: dict[int, dict[str, Any]] = {}
+    for rank in sorted({t["rank"] for t in ok}):
+        best = None
+        for lr in sorted({t["lr"] for t in ok if t["rank"] == rank}):
+            runs = [t for t in ok if t["rank"] == rank and t["lr"] == lr]
+            per_ex = np.mean([np.asarray(t["per_example"], float) for t in runs], axis=0)
+            loss = float(np.nanmean(per_ex))
+            if best is None or loss < best["loss"]:
+                seed_means = [float(np.nanmean(t["per_example"])) for t in runs]
+                best = {"loss": loss, "lr": lr, "seeds": len(runs),
+                        "se": float(np.nanstd(per_ex, ddof=1) / math.sqrt(len(per_ex))),
+                        "seed_sd": float(np.std(seed_means, ddof=1)) if len(runs) > 1 else 0.0,
+                        "per_example": per_ex.tolist()}
+        curve[rank] = best
+    return curve
+
+
+def model_factory_from(base_model) -> Any:
+    """Each trial trains on a fresh copy of the loaded base model."""
+    return lambda: copy.deepcopy(base_model)

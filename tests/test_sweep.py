@@ -1,0 +1,124 @@
+"""Sweep: resumes after kill -9 with nothing lost or repeated; two workers share one study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import write_jsonl
+
+from lorank.errors import LorankError
+from lorank.sweep import FINISHED, open_study, parse_list, rank_loss_curve
+
+GRID = ["--ranks", "1,2,4", "--lrs", "1e-3,3e-3", "--seeds", "0"]
+
+
+@pytest.fixture
+def sweep_inputs(tiny_llama_dir: Path, tmp_path: Path) -> tuple[str, str]:
+    rows = [{"prompt": f"n{i}:", "completion": f" {i % 7}{i % 5}"} for i in range(48)]
+    return str(tiny_llama_dir), str(write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def sweep_cmd(model: str, data: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lorank.cli", "sweep", "-m", model, "-d", data, *GRID,
+            "--steps", "6", "--batch-size", "4", "--max-length", "32", "--eval-every", "3",
+            "--out", str(out), "--quiet", *extra]
+
+
+def finished_points(out: Path) -> Counter:
+    study = optuna.load_study(study_name="lorank-sweep", storage=f"sqlite:///{out / 'sweep.db'}")
+    return Counter((t.params["rank"], t.params["lr"], t.params["seed"])
+                   for t in study.get_trials() if t.user_attrs.get(FINISHED))
+
+
+def describe(out: Path) -> str:
+    study = optuna.load_study(study_name="lorank-sweep", storage=f"sqlite:///{out / 'sweep.db'}")
+    return "\n".join(f"{t.number} {t.state.name} {t.system_attrs.get('fixed_params')} "
+                     f"{ {k: v for k, v in t.user_attrs.items() if k != 'per_example'} }"
+                     for t in study.get_trials())
+
+
+def test_resume_after_kill_9(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    out = tmp_path / "sw"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(sweep_cmd(model, data, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "trials").glob("*.json"))
+                                         if (out / "trials").exists() else []) < 2:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_text() for p in (out / "trials").glob("*.json")}
+    assert 2 <= len(before) < 6, "the kill must land mid-sweep"
+    done = subprocess.run(sweep_cmd(model, data, out), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    points = finished_points(out)
+    assert len(points) == 6 and set(points.values()) == {1}, describe(out)  # none lost/repeated
+    for name, text in before.items():  # finished trials were not re-run
+        assert (out / "trials" / name).read_text() == text
+    summary = json.loads((out / "sweep.json").read_text())
+    assert sorted(int(r) for r in summary["curve"]) == [1, 2, 4]
+    assert (out / "rank_loss.png").stat().st_size > 0
+
+
+def test_two_workers_share_one_study(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    out = tmp_path / "shared"
+    out.mkdir()
+    procs = [subprocess.Popen(sweep_cmd(model, data, out), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    points = finished_points(out)
+    assert len(points) == 6 and set(points.values()) == {1}
+
+
+def test_parse_list_errors():
+    assert parse_list("1, 2,4", int, "ranks") == [1, 2, 4]
+    with pytest.raises(LorankError, match="--ranks: empty list"):
+        parse_list(" , ", int, "ranks")
+    with pytest.raises(LorankError, match="expected comma-separated int"):
+        parse_list("1,two", int, "ranks")
+    with pytest.raises(LorankError, match="learning rates must be positive"):
+        parse_list("0,1e-3", float, "lrs")
+
+
+def test_storage_that_cannot_be_opened(tmp_path):
+    with pytest.raises(LorankError, match="cannot open the study storage"):
+        open_study(tmp_path, "postgresql://nobody@127.0.0.1:1/none", prune=False)
+    with pytest.raises(LorankError, match="cannot open the study storage"):
+        open_study(tmp_path, "notadb://x", prune=False)
+
+
+def test_rank_loss_curve_takes_best_lr_by_seed_mean():
+    def t(rank, lr, seed, losses):
+        return {"rank": rank, "lr": lr, "seed": seed, "status": "ok", "per_example": losses}
+
+    trials = [t(1, 0.1, 0, [2.0, 2.0]), t(1, 0.1, 1, [2.2, 2.2]),
+              t(1, 0.3, 0, [1.0, 1.0]), t(1, 0.3, 1, [3.0, 3.0]),  # mean 2.0 < 2.1
+              t(2, 0.1, 0, [1.0, 1.2]), {"rank": 2, "lr": 0.3, "seed": 0,
+                                        "status": "diverged: nan", "per_example": [0.0, 0.0]}]
+    curve = rank_loss_curve(trials)
+    assert curve[1]["lr"] == 0.3 and curve[1]["loss"] == pytest.approx(2.0)
+    assert curve[1]["seed_sd"] == pytest.approx(abs(1.0 - 3.0) / 2 ** 0.5)
+    assert curve[2]["lr"] == 0.1 and curve[2]["seeds"] == 1  # the diverged run is ignored
+
+
+def test_cli_bad_ranks_exit_2(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    cmd = sweep_cmd(model, data, tmp_path / "x")
+    cmd[cmd.index("1,2,4")] = "1,x"
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--ranks 1,x: expected comma-separated int" in done.stderr
