@@ -207,3 +207,38 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
                          f"{row['waste']:.2f} | {row['cost']:.3f} | "
                          f"{'yes' if row['acceptable'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_markdown(path: Path, tables: str) -> None:
+    """Replace the generated block of BENCHMARKS.md, keeping the hand-written protocol."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text = text.rstrip() + f"\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    atomic_write_text(path, f"{head}{START}\n{tables}{END}{tail}")
+
+
+def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = True) -> list[Path]:
+    """Run lorank's estimators on a task's data (no training) and store their Evidence."""
+    from lorank.api import recommend
+
+    task_dir = Path(task_dir)
+    info = json.loads((task_dir / "data" / "task.json").read_text())["task"]
+    written = []
+    for name in names:
+        rec = recommend(info["model"], task_dir / "data" / "train.jsonl",
+                        val_data=task_dir / "data" / "val.jsonl", max_length=info["max_length"],
+                        targets=info.get("targets", "all-linear"), estimators=(name,),
+                        max_rank=max(info["ranks"]), progress=progress)
+        evidence = next(e for e in rec.evidence if e["name"] == name)
+        evidence["recommended_rank"] = rec.rank
+        (task_dir / "estimators").mkdir(exist_ok=True)
+        path = task_dir / "estimators" / f"{name}.json"
+        atomic_write_text(path, json.dumps(evidence, indent=1, default=str))
+        written.append(path)
+    return written

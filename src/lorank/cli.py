@@ -155,6 +155,46 @@ def sweep(
 
 
 @app.command()
+def bench(
+    results: Path = typer.Option(Path("benchmarks/results"), help="one folder per task, each "
+                                 "with sweep.json from `lorank sweep --task`"),
+    markdown: Path = typer.Option(Path("benchmarks/BENCHMARKS.md"), help="file whose generated "
+                                  "block is rewritten"),
+    run: str = typer.Option("", help="first run these estimators on every task with a sweep "
+                            "(comma-separated, e.g. capacity); results are stored and reused"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Score every method on every task against the sweep's truth (regret, waste, cost)."""
+    from lorank.bench import (
+        markdown_tables,
+        overall,
+        run_bench,
+        run_task_estimators,
+        update_markdown,
+    )
+
+    if not results.is_dir():
+        raise LorankError(f"--results {results}: not a directory")
+    names = [n.strip() for n in run.split(",") if n.strip()]
+    if names:
+        for task_dir in sorted(p for p in results.iterdir() if (p / "sweep.json").exists()):
+            run_task_estimators(task_dir, names, progress=not quiet)
+    scored = run_bench(results)
+    update_markdown(markdown, markdown_tables(scored, results))
+    from rich.table import Table
+
+    table = Table(title="overall", header_style="bold")
+    for col in ("method", "tasks", "mean regret", "worst regret", "within tol", "waste", "cost"):
+        table.add_column(col, justify="right")
+    for o in overall(scored):
+        table.add_row(o["method"], str(o["tasks"]), f"{o['mean_regret']:.2%}",
+                      f"{o['worst_regret']:.2%}", f"{o['within_tol']}/{o['tasks']}",
+                      f"{o['mean_waste']:.2f}", f"{o['mean_cost']:.3f}")
+    console.print(table)
+    console.print(f"updated {markdown}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
     n: int = typer.Option(400, help="examples to build from the standard library"),

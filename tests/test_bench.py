@@ -1,0 +1,102 @@
+"""The bench harness on hand-made sweep results: truth, baselines, replayed searches, tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorank import bench
+from lorank.errors import LorankError
+
+RANKS, LRS, SEEDS, STEPS = [1, 2, 4, 8, 16], [1e-3, 3e-3], [0, 1], 20
+
+
+def fake_sweep(tmp_path, knee: int = 4):
+    """Loss falls until `knee`, then is flat; lr 3e-3 is better; 200 validation examples."""
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 1.0, size=200)
+    trials, number = [], 0
+    for r in RANKS:
+        for lr in LRS:
+            for s in SEEDS:
+                gain = 0.3 * min(np.log2(r), np.log2(knee)) / np.log2(knee)
+                level = 2.0 - gain + (0.05 if lr == 1e-3 else 0.0)
+                per_ex = base * level / base.mean() + rng.normal(0, 0.01, size=200)
+                curve = [[step, 0.0, level + 0.5 * (1 - step / STEPS)] for step in (5, 10, 15, 20)]
+                trials.append({"number": number, "rank": r, "lr": lr, "seed": s, "status": "ok",
+                               "value": float(per_ex.mean()), "per_example": per_ex.tolist(),
+                               "wall_seconds": 40.0, "steps_done": STEPS, "curve": curve})
+                number += 1
+    from lorank.sweep import rank_loss_curve
+
+    curve = rank_loss_curve(trials)
+    sweep = {"trials": trials, "curve": {str(k): v for k, v in curve.items()},
+             "spec": {"ranks": RANKS, "lrs": LRS, "seeds": SEEDS, "recipe": {"steps": STEPS}},
+             "meta": {"params": {str(r): 1000 * r for r in RANKS}}}
+    task = tmp_path / "toy"
+    (task / "data").mkdir(parents=True)
+    (task / "sweep.json").write_text(json.dumps(sweep))
+    (task / "data" / "task.json").write_text(json.dumps(
+        {"task": {"name": "toy", "expected_rank": "low"}, "n_train": 500}))
+    return task
+
+
+def test_truth_finds_the_knee(tmp_path):
+    right = bench.truth(bench.load_sweep(fake_sweep(tmp_path, knee=4)))
+    assert right.r_star == 4
+
+
+def test_score_task_rows(tmp_path):
+    task = fake_sweep(tmp_path, knee=4)
+    (task / "estimators").mkdir()
+    (task / "estimators" / "capacity.json").write_text(json.dumps(
+        {"name": "capacity", "suggested_rank": 2, "cost_seconds": 4.0}))
+    s = bench.score_task(task)
+    rows = {r["method"]: r for r in s["rows"]}
+    assert rows["fixed r=8"]["waste"] == pytest.approx(2.0) and rows["fixed r=8"]["acceptable"]
+    assert rows["fixed r=16"]["waste"] == pytest.approx(4.0)
+    assert rows["rule of thumb"]["r_rec"] == 8  # < 1,000 examples, not code/knowledge
+    cap = rows["lorank capacity"]
+    assert cap["r_rec"] == 2 and not cap["acceptable"] and cap["regret"] > 0.01
+    # 4 s at 2 s/step = 2 steps of a 5 ranks x 2 lrs x 20 steps sweep
+    assert cap["cost"] == pytest.approx(2 / 200)
+    assert rows["successive halving"]["cost"] > 0
+
+
+def test_successive_halving_spends_less_than_the_sweep(tmp_path):
+    sweep = bench.load_sweep(fake_sweep(tmp_path))
+    pick, spent = bench.replay_successive_halving(sweep)
+    assert pick in RANKS and spent < len(RANKS) * len(LRS) * STEPS
+    # rungs at steps 5, 10, 15, 20 over 10, 5, 2, 1 configs
+    assert spent == 10 * 5 + 5 * 5 + 2 * 5 + 1 * 5
+
+
+def test_tpe_replay_is_seeded(tmp_path):
+    sweep = bench.load_sweep(fake_sweep(tmp_path))
+    assert bench.replay_tpe(sweep, 3, seed=1) == bench.replay_tpe(sweep, 3, seed=1)
+    assert bench.replay_tpe(sweep, 3)[1] == 3 * STEPS
+
+
+def test_rule_of_thumb_table():
+    assert bench.rule_of_thumb({"n_train": 300, "name": "format-json"}) == 8
+    assert bench.rule_of_thumb({"n_train": 300, "name": "code-docstring"}) == 16
+    assert bench.rule_of_thumb({"n_train": 6000, "name": "facts-6000"}) == 32
+    assert bench.rule_of_thumb({"n_train": 20000, "name": "chat"}) == 32
+
+
+def test_run_bench_writes_tables(tmp_path):
+    fake_sweep(tmp_path)
+    scored = bench.run_bench(tmp_path)
+    md = tmp_path / "B.md"
+    md.write_text("# B\n\nprotocol stays\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\ntail\n")
+    bench.update_markdown(md, bench.markdown_tables(scored, tmp_path))
+    text = md.read_text()
+    assert "protocol stays" in text and "tail" in text and "old" not in text
+    assert "| fixed r=8 |" in text and (tmp_path / "toy" / "bench.png").exists()
+
+
+def test_no_sweep_is_one_clear_error(tmp_path):
+    with pytest.raises(LorankError, match="no task has sweep.json"):
+        bench.run_bench(tmp_path)
