@@ -39,10 +39,13 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 VERA_DIR = Path("/usr/share/dictd")
 MAN_DIR = Path("/usr/share/man")
 
-# Speeds on 2 idle CPU cores (float32, one training step with LoRA), used only for the
-# sweep-time estimates: SmolLM2-135M ~6.5 s per 1,024 tokens, MiniLM-L6 ~1 s per 2,048.
-# Another process on the same cores makes torch several times slower than this.
-SECONDS_PER_1K_TRAIN_TOKENS = {"smollm2-135m": 6.5, "minilm-l6": 0.5}
+# Speeds on 2 idle CPU cores (float32, one training step with LoRA, all linear layers), used
+# only for the sweep-time estimates. Measured here with `train_lora` (2026-11-24): MiniLM-L6
+# 0.58 s per step of 32 examples (~0.6 s per 1,024 padded tokens); SmolLM2-135M ~5 s per step
+# of 16 short facts (~12 s per 1,024 padded tokens, twice the 6.5 s quoted for long sequences:
+# short batches pay fixed per-layer overheads). Another process on the same cores makes torch
+# several times slower than this.
+SECONDS_PER_1K_TRAIN_TOKENS = {"smollm2-135m": 12.0, "minilm-l6": 0.6}
 EVAL_COST_FRACTION = 1 / 3  # a forward pass without gradients costs about a third of a step
 PADDING_FACTOR = 1.25  # batches are padded to their longest example
 
@@ -673,7 +676,7 @@ TASKS: dict[str, TaskSpec] = {
             n_val=500,
             max_length=64,
             batch_size=32,
-            steps=400,
+            steps=150,
             lrs=(1e-3, 4e-3),
             mean_tokens=16.0,
             n_evals=4,
