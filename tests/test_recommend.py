@@ -47,8 +47,13 @@ def test_recommend_causal_writes_peft_loadable_config(tiny_llama_dir, pc_data, t
 def test_recommend_is_deterministic(tiny_llama_dir, pc_data):
     a = api.recommend(str(tiny_llama_dir), pc_data, progress=False, seed=3, max_length=64)
     b = api.recommend(str(tiny_llama_dir), pc_data, progress=False, seed=3, max_length=64)
-    strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "evidence"}  # noqa: E731
+    def strip(rec):  # timings are measurements, not decisions
+        d = {k: v for k, v in rec.to_dict().items() if k != "evidence"}
+        d["inputs"]["profile"].pop("forward_seconds_per_token")
+        return d
+
     assert strip(a) == strip(b)
+    assert [e["suggested_rank"] for e in a.evidence] == [e["suggested_rank"] for e in b.evidence]
 
 
 def test_capacity_ceiling_grows_with_data(tiny_llama_dir, tmp_path):
@@ -81,3 +86,33 @@ def test_format_does_not_fit_model(tiny_llama_dir, cls_data):
     loaded = load_model(str(tiny_llama_dir))
     with pytest.raises(LorankError, match="does not fit a causal model"):
         api.recommend(loaded, cls_data, progress=False)
+
+
+def test_recommend_with_budget_adds_probe_curve(tiny_llama_dir, pc_data, tmp_path):
+    out = tmp_path / "probe"
+    rec = api.recommend(str(tiny_llama_dir), pc_data, budget="6", probe_max_rank=4,
+                        max_length=64, out=out, progress=False)
+    names = [e["name"] for e in rec.evidence]
+    assert names == ["capacity", "svd-probe"]
+    probe = rec.evidence[1]
+    assert sorted(int(r) for r in probe["curve"]) == [1, 2, 4]
+    assert probe["details"]["steps"] == 6 and probe["cost_seconds"] > 0
+    assert (out / "probe_curve.png").stat().st_size > 0
+    assert rec.rank in (1, 2, 4) and "svd-probe" in rec.rationale[0]
+
+
+def test_bad_budget(tiny_llama_dir, pc_data):
+    with pytest.raises(LorankError, match="--budget soon: expected training steps"):
+        api.recommend(str(tiny_llama_dir), pc_data, budget="soon", progress=False)
+
+
+def test_budget_in_minutes_uses_measured_speed(tiny_llama_dir, pc_data):
+    from lorank import data as data_mod
+
+    loaded = load_model(str(tiny_llama_dir))
+    prep = data_mod.prepare(pc_data, loaded.tokenizer)
+    prof = data_mod.profile(prep, loaded.model, sample=4, pad_token_id=0, progress=False)
+    assert prof.forward_seconds_per_token > 0
+    one, _ = api.parse_budget("1m", prof, 8, len(prep.train))
+    two, text = api.parse_budget("2m", prof, 8, len(prep.train))
+    assert two >= 2 * one - 1 and "estimated" in text

@@ -69,13 +69,18 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               fmt: str | None = None, val_data: str | Path | None = None, max_length: int = 512,
               rank: int | None = None, max_rank: int = 256, batch_size: int = 8, seed: int = 0,
               profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
+              budget: str | int | None = None, probe_method: str = "svd",
+              probe_max_rank: int = 64, lr: float = 1e-3,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
 
-    `estimators` picks the evidence to gather (cheapest first). `rank` forces a rank and
-    only checks it against the targets (the evidence is still reported).
+    `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
+    or minutes as "10m") adds the one-run probe. `rank` forces a rank and only checks it
+    against the targets (the evidence is still reported).
     """
+    if budget is not None and "probe" not in estimators:
+        estimators = (*estimators, "probe")
     if out is not None:
         ensure_writable(Path(out))
     seed_everything(seed)
@@ -92,10 +97,12 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     profile_seconds = time.perf_counter() - start
 
     evidence: list[Evidence] = []
+    probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
+                  "lr": lr, "out": Path(out) if out is not None else None}
     for name in estimators:
         evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
                                       batch_size=batch_size, seed=seed, progress=progress,
-                                      profile_seconds=profile_seconds))
+                                      profile_seconds=profile_seconds, probe=probe_opts))
     seq_len = int(prof.length_percentiles["p90"])
     inputs: dict[str, Any] = {
         "model": loaded.source, "model_path": loaded.path, "data": str(data),
@@ -114,11 +121,100 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
 
 def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedData,
                   prof: data_mod.DataProfile, targets: TargetSet, ranks: list[int], *,
-                  batch_size: int, seed: int, progress: bool, profile_seconds: float) -> Evidence:
+                  batch_size: int, seed: int, progress: bool, profile_seconds: float,
+                  probe: dict[str, Any] | None = None) -> Evidence:
     """Dispatch one estimator by name."""
     if name == "capacity":
         return capacity_evidence(prof, targets, ranks, seconds=profile_seconds)
-    raise LorankError(f"--estimators {name}: unknown estimator (known: capacity)")
+    if name == "probe":
+        probe = probe or {}
+        return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
+                         max_rank=probe.get("max_rank", 64), budget=probe.get("budget"),
+                         lr=probe.get("lr", 1e-3), batch_size=batch_size, seed=seed,
+                         progress=progress, out=probe.get("out"))
+    raise LorankError(f"--estimators {name}: unknown estimator (known: {', '.join(ESTIMATORS)})")
+
+
+ESTIMATORS = ("capacity", "probe")
+
+
+def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_size: int,
+                 n_train: int) -> tuple[int, str]:
+    """Training steps for a budget given as steps ("200") or minutes ("10m").
+
+    Minutes become steps with the measured forward speed: one training step costs about three
+    forward passes (forward + backward) over `batch_size` examples of median length.
+    """
+    if budget is None or budget == "auto":  # about one epoch, at least 20 steps
+        steps = max(20, -(-n_train // batch_size))
+        return steps, f"{steps} steps (about one epoch)"
+    text = str(budget).strip().lower()
+    try:
+        if text.endswith(("m", "min")):
+            minutes = float(text.rstrip("min"))
+            per_step = 3 * prof.forward_seconds_per_token * batch_size * \
+                prof.length_percentiles["p50"]
+            steps = max(1, int(minutes * 60 / max(per_step, 1e-6)))
+            return steps, f"{minutes:g} min ≈ {steps} steps at {per_step:.2f} s/step (estimated)"
+        steps = int(text)
+    except ValueError:
+        raise LorankError(f"--budget {budget}: expected training steps (200) or minutes (10m)"
+                          ) from None
+    if steps < 1:
+        raise LorankError(f"--budget {budget}: must be at least one step")
+    return steps, f"{steps} steps"
+
+
+def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet,
+              prof: data_mod.DataProfile, *, method: str = "svd", max_rank: int = 64,
+              budget: str | int | None = None, lr: float = 1e-3, batch_size: int = 8,
+              seed: int = 0, progress: bool = True, out: Path | None = None) -> Evidence:
+    """One training run at `max_rank`, read at every smaller rank (nested or SVD truncation)."""
+    import copy
+
+    from lorank.estimators.probe import nested_probe, svd_truncation_curve
+    from lorank.report import plot_rank_curve
+    from lorank.train import TrainConfig, train_lora
+
+    if method not in ("svd", "nested"):
+        raise LorankError(f"--probe-method {method}: expected svd or nested")
+    max_rank = min(max_rank, targets.max_rank)
+    targets.check_rank(max_rank)
+    steps, budget_text = parse_budget(budget, prof, batch_size, len(prepared.train))
+    config = TrainConfig(rank=max_rank, target_modules=targets.peft_target_modules,
+                         modules_to_save=targets.modules_to_save or None, learning_rate=lr,
+                         steps=steps, batch_size=batch_size, seed=seed,
+                         eval_every=max(1, steps // 4), warmup_ratio=0.1)
+    start = time.perf_counter()
+
+    def factory():
+        return copy.deepcopy(loaded.model)
+
+    if method == "nested":
+        result = nested_probe(factory, prepared.train, prepared.val,
+                              pad_token_id=loaded.pad_token_id, config=config,
+                              budget_steps=steps, max_rank=max_rank, seed=seed,
+                              progress=progress)
+    else:
+        trained = train_lora(factory, prepared.train, prepared.val, config,
+                             pad_token_id=loaded.pad_token_id, progress=progress,
+                             return_model=True)
+        ranks = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= max_rank]
+        result = svd_truncation_curve(trained.model, ranks, prepared.val,
+                                      pad_token_id=loaded.pad_token_id,
+                                      train_examples=prepared.train, batch_size=batch_size,
+                                      seed=seed)
+    evidence = result.to_evidence()
+    evidence.cost_seconds = time.perf_counter() - start
+    evidence.details["budget"] = budget_text
+    evidence.details["steps"] = steps
+    evidence.details["learning_rate"] = lr
+    if out is not None:
+        ensure_writable(out)
+        plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",
+                        picks={evidence.name: evidence.suggested_rank},
+                        title=f"{evidence.name}: validation loss per rank (one run)")
+    return evidence
 
 
 def _forced(rec: Recommendation, rank: int, targets: TargetSet, batch_size: int,

@@ -18,6 +18,9 @@ err_console = Console(stderr=True)
 
 ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
                         "or alias: smollm2-135m, minilm-l6")
+BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
+                             help="svd: one plain adapter read by SVD truncation; nested: "
+                             "nested-dropout training (DyLoRA)")
 DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
                        "them, or a cached `datasets` name")
 
@@ -40,18 +43,56 @@ def recommend(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
     trust_remote_code: bool = typer.Option(False, help="allow the model's own code to run"),
+    budget: str = typer.Option(None, help="add the one-run probe with this budget: training "
+                               "steps (200) or minutes (10m)"),
+    probe_method: str = BUDGET_METHOD,
+    probe_max_rank: int = typer.Option(64, help="rank the probe trains at (reads all below)"),
+    lr: float = typer.Option(1e-3, help="learning rate of the probe run"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
+    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
+               rank=rank, max_rank=max_rank, batch_size=batch_size, seed=seed, out=out,
+               dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
+               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=lr,
+               progress=not quiet)
+
+
+def _recommend(model: str, data: str, out: Path, **kwargs) -> None:
     from lorank.api import recommend as api_recommend
     from lorank.report import print_recommendation
 
-    rec = api_recommend(model, data, targets=targets, fmt=fmt, val_data=val_data,
-                        max_length=max_length, rank=rank, max_rank=max_rank,
-                        batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, progress=not quiet)
+    rec = api_recommend(model, data, out=out, **kwargs)
     print_recommendation(rec, console)
-    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+    extra = ", probe_curve.png" if (out / "probe_curve.png").exists() else ""
+    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json{extra}")
+
+
+@app.command()
+def probe(
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
+    max_rank: int = typer.Option(64, help="rank the probe trains at; every rank below is read"),
+    budget: str = typer.Option(None, help="training steps (200) or minutes (10m); default "
+                               "about one epoch"),
+    method: str = BUDGET_METHOD,
+    lr: float = typer.Option(1e-3, help="learning rate"),
+    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
+    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
+    batch_size: int = typer.Option(8, help="batch size per step"),
+    seed: int = typer.Option(0, help="seed"),
+    out: Path = typer.Option(Path("lorank-probe"), help="output directory"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """The whole rank–loss curve from one training run; recommend from it alone."""
+    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
+               batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
+               estimators=("capacity", "probe"), budget=budget or "auto",
+               probe_method=method, probe_max_rank=max_rank, lr=lr, progress=not quiet)
 
 
 @app.command()

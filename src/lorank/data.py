@@ -334,6 +334,7 @@ class DataProfile:
     base_loss_bits: float | None = None
     base_loss_sample: int = 0
     label_entropy_bits: float | None = None
+    forward_seconds_per_token: float = 0.0
     num_labels: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -362,6 +363,9 @@ def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int
         | {"max": float(lengths.max())},
         duplicate_rate=data.duplicate_rate, dropped=data.dropped, num_labels=data.num_labels,
     )
+    if model is not None:
+        prof.forward_seconds_per_token = _forward_speed(model, data.train, pad_token_id,
+                                                        batch_size, seed)
     if data.task == "classification":
         counts = np.bincount([e["labels"] for e in data.train], minlength=data.num_labels or 1)
         p = counts[counts > 0] / counts.sum()
@@ -376,6 +380,20 @@ def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int
         prof.base_loss_bits = prof.base_loss_nats / math.log(2)
         prof.base_loss_sample = len(picked)
     return prof
+
+
+@torch.no_grad()
+def _forward_speed(model, examples, pad_token_id, batch_size, seed) -> float:
+    """Seconds per token of one forward pass (after a warm-up), for budget conversions."""
+    import time
+
+    picked = random.Random(seed + 1).sample(examples, min(batch_size, len(examples)))
+    batch = {k: v.to(next(model.parameters()).device)
+             for k, v in collate(picked, pad_token_id).items() if k != "labels"}
+    model(**batch)
+    start = time.perf_counter()
+    model(**batch)
+    return (time.perf_counter() - start) / max(int(batch["attention_mask"].sum()), 1)
 
 
 @torch.no_grad()

@@ -74,7 +74,19 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         confidence = chosen.details.get("confidence", "medium")
         rationale.append(f"{chosen.name}: smallest rank within tolerance of the best measured "
                          f"loss is {chosen.suggested_rank}")
-        rationale += chosen.notes
+        shape, message = curve_shape(chosen.curve)
+        rationale.append(message)
+        if shape in ("still falling", "noisy"):
+            confidence = "low"
+        if shape == "still falling":
+            warnings.append(message)
+        rationale += [n for n in chosen.notes if n not in rationale]
+        for other in by_kind["estimate"]:
+            if _disagree(other.suggested_rank, chosen.suggested_rank):
+                warnings.append(
+                    f"{other.name} says rank {other.suggested_rank}, {chosen.name} says "
+                    f"{chosen.suggested_rank}: trusting {chosen.name}, which measures the "
+                    "validation loss itself; the other reads the data before training")
     elif by_kind["estimate"]:
         chosen = by_kind["estimate"][0]
         rank = snap_up(chosen.suggested_rank, ranks)
@@ -127,6 +139,48 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         candidates=candidates, inputs=inputs or {},
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
+
+
+def curve_shape(curve: dict[int, dict[str, float]]) -> tuple[str, str]:
+    """Name the shape of a rank–loss curve and say what it means for the user.
+
+    With L the losses, best = argmin, tol = max(1% of L_best, 2 * se) per rank:
+      - "flat": every rank within tol of the best -> any rank works, take the smallest;
+      - "still falling": the best is the largest rank and the one below is worse by more than
+        tol -> the curve has not flattened: raise the maximum rank;
+      - "rising": the largest rank is worse than the best by more than tol -> overfitting:
+        fewer ranks, more data or regularization;
+      - "noisy": the direction of the curve changes more than once by more than tol;
+      - "knee": falls, then flattens within tol.
+    """
+    ranks = sorted(curve)
+    L = {r: float(curve[r]["loss"]) for r in ranks}
+    best = min(ranks, key=lambda r: (L[r], r))
+    tol = {r: max(0.01 * L[best], 2 * float(curve[r].get("se", 0.0))) for r in ranks}
+    if len(ranks) == 1:
+        return "single", f"only rank {ranks[0]} was measured"
+    if all(L[r] <= L[best] + tol[r] for r in ranks):
+        return "flat", (f"the curve is flat: every rank from {ranks[0]} is within tolerance of "
+                        f"the best; the smallest is enough")
+    steps = [L[b] - L[a] for a, b in zip(ranks, ranks[1:], strict=False)]
+    big = [d for d, b in zip(steps, ranks[1:], strict=False) if abs(d) > tol[b]]
+    turns = sum(1 for a, b in zip(big, big[1:], strict=False) if (a > 0) != (b > 0))
+    if turns > 1:
+        return "noisy", ("the curve zig-zags by more than its tolerance: the pick is uncertain; "
+                         "more validation examples or seeds would settle it")
+    top, below = ranks[-1], ranks[-2]
+    if best == top and L[below] > L[top] + tol[below]:
+        return "still falling", (f"the loss is still falling at rank {top}: raise the maximum "
+                                 "rank and measure again")
+    if best != top and L[top] > L[best] + tol[top]:
+        return "rising", (f"the validation loss rises above rank {best} (overfitting): use "
+                          "fewer ranks, more data or regularization")
+    return "knee", f"the curve falls and flattens at rank {best} or below"
+
+
+def _disagree(a: int | None, b: int | None) -> bool:
+    """More than a factor 4 apart (two powers of two)."""
+    return a is not None and b is not None and max(a, b) > 4 * max(min(a, b), 1)
 
 
 def _trust(name: str) -> int:
