@@ -114,3 +114,30 @@ def test_recommend_prints_table(monkeypatch, capsys, model_dir, pc_data, tmp_pat
 def test_targets_command(monkeypatch, capsys, model_dir):
     code, out, _ = run(monkeypatch, capsys, "targets", "-m", model_dir, "--targets", "attention")
     assert code == 0 and "q_proj" in out and "cost per rank" in out
+
+
+def test_analyze_bad_calib(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
+                       "--calib", "3", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "--calib 3: need at least 4 examples")
+
+
+def test_analyze_max_rank_above_layer(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
+                       "--max-rank", "32", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, r"rank 32 exceeds min\(d_in, d_out\) = 16")
+
+
+def test_analyze_writes_layer_table(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, out, _ = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
+                       "--max-length", "48", "--max-rank", "8", "--out", str(tmp_path / "o"),
+                       "--quiet")
+    assert code == 0 and "gradient" in out
+    assert (tmp_path / "o" / "gradient_layers.md").exists()
+    assert (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_probe_bad_budget(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
+                       "--budget", "0", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "--budget 0: must be at least one step")

@@ -93,8 +93,8 @@ def test_recommend_with_budget_adds_probe_curve(tiny_llama_dir, pc_data, tmp_pat
     rec = api.recommend(str(tiny_llama_dir), pc_data, budget="6", probe_max_rank=4,
                         max_length=64, out=out, progress=False)
     names = [e["name"] for e in rec.evidence]
-    assert names == ["capacity", "svd-probe"]
-    probe = rec.evidence[1]
+    assert names == ["capacity", "gradient", "svd-probe"]
+    probe = rec.evidence[2]
     assert sorted(int(r) for r in probe["curve"]) == [1, 2, 4]
     assert probe["details"]["steps"] == 6 and probe["cost_seconds"] > 0
     assert (out / "probe_curve.png").stat().st_size > 0
@@ -116,3 +116,23 @@ def test_budget_in_minutes_uses_measured_speed(tiny_llama_dir, pc_data):
     one, _ = api.parse_budget("1m", prof, 8, len(prep.train))
     two, text = api.parse_budget("2m", prof, 8, len(prep.train))
     assert two >= 2 * one - 1 and "estimated" in text
+
+
+def test_gradient_evidence_in_recommend(tiny_llama_dir, pc_data, tmp_path):
+    out = tmp_path / "g"
+    rec = api.recommend(str(tiny_llama_dir), pc_data, max_length=64, out=out, progress=False)
+    grad = next(e for e in rec.evidence if e["name"] == "gradient")
+    assert grad["kind"] == "estimate" and grad["cost_seconds"] > 0
+    assert len(grad["details"]["layer_table"]) == 14
+    assert (out / "gradient_layers.md").read_text().count("model.layers.") == 14
+    assert (out / "gradient_q_proj.png").stat().st_size > 0
+    assert "gradient" in rec.rationale[0]
+
+
+def test_gradient_on_classification_fits_head_on_a_copy(tiny_bert_dir, cls_data):
+    loaded = load_model(str(tiny_bert_dir), task="classification", num_labels=3)
+    before = loaded.model.classifier.weight.detach().clone()
+    rec = api.recommend(loaded, cls_data, progress=False, estimators=("gradient",))
+    grad = rec.evidence[0]
+    assert grad["notes"][0].startswith("head 'classifier' fitted on frozen features")
+    assert (loaded.model.classifier.weight == before).all()

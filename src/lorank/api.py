@@ -19,7 +19,7 @@ from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
 from lorank.targets import TargetSet, resolve_targets
 
-DEFAULT_ESTIMATORS: tuple[str, ...] = ("capacity",)
+DEFAULT_ESTIMATORS: tuple[str, ...] = ("capacity", "gradient")
 
 
 def versions() -> dict[str, str]:
@@ -70,7 +70,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               rank: int | None = None, max_rank: int = 256, batch_size: int = 8, seed: int = 0,
               profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
               budget: str | int | None = None, probe_method: str = "svd",
-              probe_max_rank: int = 64, lr: float = 1e-3,
+              probe_max_rank: int = 64, lr: float = 1e-3, calib: int = 256,
+              gradient_max_rank: int | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
@@ -98,7 +99,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
 
     evidence: list[Evidence] = []
     probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
-                  "lr": lr, "out": Path(out) if out is not None else None}
+                  "lr": lr, "out": Path(out) if out is not None else None,
+                  "gradient": {"calib": calib, "max_rank": gradient_max_rank}}
     for name in estimators:
         evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
                                       batch_size=batch_size, seed=seed, progress=progress,
@@ -126,6 +128,11 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
     """Dispatch one estimator by name."""
     if name == "capacity":
         return capacity_evidence(prof, targets, ranks, seconds=profile_seconds)
+    if name == "gradient":
+        gradient = (probe or {}).get("gradient", {})
+        return run_gradient(loaded, prepared, targets, calib=gradient.get("calib", 256),
+                            max_rank=gradient.get("max_rank"), batch_size=batch_size,
+                            seed=seed, progress=progress, out=(probe or {}).get("out"))
     if name == "probe":
         probe = probe or {}
         return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
@@ -135,7 +142,61 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
     raise LorankError(f"--estimators {name}: unknown estimator (known: {', '.join(ESTIMATORS)})")
 
 
-ESTIMATORS = ("capacity", "probe")
+ESTIMATORS = ("capacity", "gradient", "probe")
+
+
+def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
+                 calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
+                 seed: int = 0, progress: bool = True, out: Path | None = None) -> Evidence:
+    """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
+
+    A classification model first gets its new head fitted on frozen features (on a copy, so
+    the caller's model is untouched): gradients through a random head are mostly noise.
+    """
+    import copy
+    import random
+
+    from lorank.estimators.gradient import fit_head_on_frozen_features, gradient_spectrum
+    from lorank.report import write_gradient_report
+
+    if calib < 4:
+        raise LorankError(f"--calib {calib}: need at least 4 examples (two per half)")
+    if max_rank is None:
+        max_rank = min(64, targets.max_rank)
+    targets.check_rank(max_rank)
+    sample = list(prepared.train)
+    if len(sample) > calib:
+        sample = random.Random(seed).sample(sample, calib)
+    if len(sample) < 4:
+        raise LorankError(f"calibration set has {len(sample)} examples: need at least 4 "
+                          "(two per half)")
+    start = time.perf_counter()
+    model = loaded.model
+    head_note = None
+    if prepared.task == "classification":
+        model = copy.deepcopy(model)
+        fit = fit_head_on_frozen_features(model, sample, pad_token_id=loaded.pad_token_id,
+                                          batch_size=batch_size, seed=seed)
+        head_note = (f"head '{fit.get('head')}' fitted on frozen features first "
+                     f"(loss {fit.get('loss_before', float('nan')):.3f} -> "
+                     f"{fit.get('loss_after', float('nan')):.3f})")
+    fractions = (0.25, 0.5, 1.0) if len(sample) >= 16 else (0.5, 1.0) if len(sample) >= 8 \
+        else (1.0,)
+    try:
+        spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
+                                     pad_token_id=loaded.pad_token_id, max_rank=max_rank,
+                                     batch_size=batch_size, seed=seed, fractions=fractions,
+                                     n_train=len(prepared.train), progress=progress)
+    except ValueError as err:
+        raise LorankError(str(err)) from None
+    evidence = spectrum.to_evidence()
+    evidence.name = "gradient"
+    if head_note:
+        evidence.notes.insert(0, head_note)
+    evidence.cost_seconds = time.perf_counter() - start
+    if out is not None:
+        write_gradient_report(spectrum, ensure_writable(Path(out)))
+    return evidence
 
 
 def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_size: int,

@@ -18,6 +18,8 @@ err_console = Console(stderr=True)
 
 ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
                         "or alias: smollm2-135m, minilm-l6")
+CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "
+                        "into halves A and B)")
 BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
                              help="svd: one plain adapter read by SVD truncation; nested: "
                              "nested-dropout training (DyLoRA)")
@@ -48,14 +50,40 @@ def recommend(
     probe_method: str = BUDGET_METHOD,
     probe_max_rank: int = typer.Option(64, help="rank the probe trains at (reads all below)"),
     lr: float = typer.Option(1e-3, help="learning rate of the probe run"),
+    calib: int = CalibOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                rank=rank, max_rank=max_rank, batch_size=batch_size, seed=seed, out=out,
                dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
-               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=lr,
+               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=lr, calib=calib,
                progress=not quiet)
+
+
+@app.command()
+def analyze(
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    calib: int = CalibOpt,
+    max_rank: int = typer.Option(None, help="largest rank read per layer [min(64, layer dims)]"),
+    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
+    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
+    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
+    batch_size: int = typer.Option(8, help="batch size of the forward/backward passes"),
+    seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
+    out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Rank from the data before any training: the gradient spectrum, per layer and overall."""
+    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
+               batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
+               estimators=("gradient",), calib=calib, gradient_max_rank=max_rank,
+               progress=not quiet)
+    console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
 def _recommend(model: str, data: str, out: Path, **kwargs) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -146,3 +147,39 @@ def plot_rank_curve(curves: dict[str, dict[int, dict[str, float]]], path: Path, 
 def escape(text: str) -> str:
     """Escape dataset text before it goes into HTML."""
     return html.escape(str(text), quote=True)
+
+
+def write_gradient_report(spectrum, out: Path) -> None:
+    """Per-layer table (markdown) and one plot per layer group (spectra, cross-fitted t)."""
+    rows = spectrum.layer_table()
+    cols = ["layer", "shape", "method", "replication_by_fraction", "replication",
+            "gavish_donoho", "energy90", "energy95", "stable", "extrapolated", "interval",
+            "exponent", "top_t"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    atomic_write_text(Path(out) / "gradient_layers.md", "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list] = {}
+    for layer in spectrum.layers:
+        groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
+    for group, layers in groups.items():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        cmap = plt.get_cmap("viridis")
+        for i, layer in enumerate(layers):
+            color = cmap(i / max(len(layers) - 1, 1))
+            sv = np.asarray(layer.singular_values, float)
+            left.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), color=color, lw=1)
+            t = np.asarray(layer.t_ab, float)
+            right.plot(np.arange(1, len(t) + 1), t, color=color, lw=1, alpha=0.8)
+            right.axhline(layer.threshold_ab, color=color, ls=":", lw=0.8)
+        left.set(title=f"{group}: singular values of G (shallow→deep)", xlabel="direction",
+                 ylabel="σ")
+        right.axhline(0, color="grey", lw=0.5)
+        right.set(title="cross-fitted t (A's directions on B); dotted: noise threshold",
+                  xlabel="direction", ylabel="t")
+        save_figure(fig, Path(out) / f"gradient_{group}.png")
+        plt.close(fig)

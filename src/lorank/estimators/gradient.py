@@ -1,0 +1,992 @@
+"""Gradient spectrum: how many directions per layer the data asks for, read without training.
+
+For a target linear layer y = W x the full-weight gradient of the summed loss over a set of
+tokens is G = sum_t d_t x_t^T (d_t = dL/dy_t). The calibration examples are split into disjoint
+halves A and B. Directions the data really asks for appear in both halves; noise does not. For
+the top singular pairs (u_i, v_i) of G_A the cross-fitted strength s_i = u_i^T G_B v_i is centred
+on zero for noise directions and positive for signal (and symmetrically B -> A).
+
+Noise spread, from an independent source (DESIGN.md point 3): s_i is a sum over the examples of
+B, s_i = sum_g c_gi with c_gi = sum_{t in group g} (u_i^T d_t)(x_t^T v_i). Under "no signal in
+direction i" the c_gi are independent and centred, so flipping their signs at random leaves the
+distribution of s_i unchanged. The signal rank counts directions whose self-normalised strength
+T_i = sum_g c_gi / sqrt(sum_g c_gi^2) exceeds the (1 - alpha) quantile of max_i T_i over random
+sign flips (a max-statistic: family-wise error alpha over the directions tested, per layer).
+Symmetrised: the layer's rank is floor((count A -> B + count B -> A) / 2), so a direction found
+only one way does not count; the two counts are the range reported around it.
+
+Streaming, three passes (1.5x one forward+backward over the calibration set):
+  1. half A: accumulate G_A per chunk (exact if the layer is small, else the randomized
+     sketches G Omega and Psi G) -> top pairs of G_A at each data fraction;
+  2. half B: accumulate G_B per chunk, and per group of examples the projections c_gi onto A's
+     pairs -> top pairs of G_B;
+  3. half A again: projections onto B's pairs.
+Why this order and not "sketch everything, then one more full pass": the projections need the
+other half's pairs first, and reading B only after A is summarised gets A -> B for free, so
+only half the data is read twice. The projections are exact for sketched layers too (they use
+d_t and x_t, not the sketch), so the test stays valid however rough the sketch is.
+
+Chunks: each half is cut into chunks at the data fractions (n/4, n/2, n by default). Sketches
+and exact G are linear in the data, so the sums of the first chunks are the summaries at each
+fraction; the signal rank at each fraction gives a growth curve, extrapolated to the training
+set size with a power law.
+
+Alongside the replication count, per layer: the Gavish-Donoho hard threshold (noise level from
+the halves' difference G_A - G_B, pure noise in expectation), energy ranks at 90% / 95% and the
+stable rank ||G||_F^2 / ||G||_2^2. Which rule tracks the sweep's r* is the benchmark's question.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from lorank.data import collate
+from lorank.estimators.base import Evidence
+
+RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable")
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class LayerSpectrum:
+    """What one target layer showed. Lists indexed by data fraction unless named otherwise."""
+
+    name: str
+    d_out: int
+    d_in: int
+    method: str  # "exact" or "sketch"
+    n_examples: list[int]  # examples read (both halves) at each fraction
+    ranks: dict[str, list[float]]  # rule -> rank at each fraction
+    replication_ab: list[int]  # signal count with A's directions tested on B, per fraction
+    replication_ba: list[int]
+    t_ab: list[float]  # cross-fitted t statistics of A's top directions on B, full data
+    t_ba: list[float]
+    strength_ab: list[float]  # s_i = u_i^T G_B v_i, full data
+    strength_ba: list[float]
+    threshold_ab: float  # max-statistic threshold, in t units, full data
+    threshold_ba: float
+    singular_values: list[float]  # top singular values of G = G_A + G_B, full data
+    total_energy: float  # ||G||_F^2, full data
+    noise_sigma: float  # per-entry noise sd of G from the halves' difference
+    gd_threshold: float
+    energy_capped: bool  # energy rank hit max_rank (the spectrum is flatter than max_rank)
+    u: np.ndarray | None = field(default=None, repr=False)  # top left singular vectors of G
+    v: np.ndarray | None = field(default=None, repr=False)  # top right singular vectors of G
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("u", "v")}
+        d["ranks"] = {k: list(v) for k, v in self.ranks.items()}
+        return d
+
+
+@dataclass
+class GradientSpectrum:
+    """All layers' spectra plus the rules that turn them into ranks."""
+
+    layers: list[LayerSpectrum]
+    fractions: tuple[float, ...]
+    n_examples: int  # calibration examples read (an odd one out is dropped)
+    n_train: int  # size of the training set the rank is extrapolated to
+    max_rank: int
+    rule: str = "replication"
+    global_quantile: float = 0.9
+    alpha: float = 0.05
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    cost_seconds: float = 0.0
+
+    def layer_fit(self, layer: LayerSpectrum, rule: str | None = None) -> dict[str, Any]:
+        """Growth fit of one layer's rank under `rule`, extrapolated to n_train."""
+        rule = _check_rule(rule or self.rule)
+        spread = None
+        if rule == "replication":
+            ab, ba = layer.replication_ab[-1], layer.replication_ba[-1]
+            spread = (float(min(ab, ba)), float(max(ab, ba)))
+        return fit_growth(layer.n_examples, layer.ranks[rule], self.n_train, self.max_rank, spread)
+
+    def rank_pattern(self, rule: str | None = None) -> dict[str, int]:
+        """Per-layer rank for PEFT's LoraConfig(rank_pattern=...): full module names, which
+        PEFT matches as a suffix of the (possibly wrapped) module name. Clipped to [1, max_rank]."""
+        pattern = {}
+        for layer in self.layers:
+            r = self.layer_fit(layer, rule)["rank"]
+            pattern[layer.name] = int(min(self.max_rank, max(1, math.ceil(r - 1e-9))))
+        return pattern
+
+    def global_rank(self, rule: str | None = None) -> tuple[int, tuple[int, int]]:
+        """One rank for all layers: the `global_quantile` quantile of the per-layer extrapolated
+        ranks, rounded up to a power of two. Why a high quantile and not the mean: a rank too
+        small for the layers that need the most costs quality, one too large only parameters."""
+        fits = [self.layer_fit(layer, rule) for layer in self.layers]
+        point = _global([f["rank"] for f in fits], self.global_quantile, self.max_rank)
+        lo = _global([f["interval"][0] for f in fits], self.global_quantile, self.max_rank)
+        hi = _global([f["interval"][1] for f in fits], self.global_quantile, self.max_rank)
+        return point, (min(lo, point), max(hi, point))
+
+    def global_curve(self, rule: str | None = None) -> list[float]:
+        """The global quantile of per-layer ranks at each data fraction (the growth at a glance)."""
+        rule = _check_rule(rule or self.rule)
+        per_frac = np.array([layer.ranks[rule] for layer in self.layers])  # (layers, fractions)
+        return [
+            float(np.quantile(col, self.global_quantile, method="higher")) for col in per_frac.T
+        ]
+
+    def layer_table(self, rule: str | None = None) -> list[dict[str, Any]]:
+        """One row per layer: shape, method, rank under every rule, the growth fit."""
+        rows = []
+        for layer in self.layers:
+            fit = self.layer_fit(layer, rule)
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "shape": f"{layer.d_out}x{layer.d_in}",
+                    "method": layer.method,
+                    "replication_by_fraction": [int(r) for r in layer.ranks["replication"]],
+                    "replication": int(layer.ranks["replication"][-1]),
+                    "gavish_donoho": int(layer.ranks["gavish_donoho"][-1]),
+                    "energy90": int(layer.ranks["energy90"][-1]),
+                    "energy95": int(layer.ranks["energy95"][-1]),
+                    "stable": round(layer.ranks["stable"][-1], 2),
+                    "extrapolated": round(fit["rank"], 2),
+                    "interval": [round(fit["interval"][0], 2), round(fit["interval"][1], 2)],
+                    "exponent": round(fit["exponent"], 3),
+                    "top_t": round(max(layer.t_ab[:1] + layer.t_ba[:1], default=0.0), 2),
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fractions": list(self.fractions),
+            "n_examples": self.n_examples,
+            "n_train": self.n_train,
+            "max_rank": self.max_rank,
+            "rule": self.rule,
+            "global_quantile": self.global_quantile,
+            "alpha": self.alpha,
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+            "cost_seconds": self.cost_seconds,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_evidence(self, rule: str | None = None) -> Evidence:
+        rule = _check_rule(rule or self.rule)
+        rank, interval = self.global_rank(rule)
+        fits = {layer.name: self.layer_fit(layer, rule) for layer in self.layers}
+        extrapolated = np.array([f["rank"] for f in fits.values()])
+        per_rank = {}
+        r = 1
+        while r <= self.max_rank:
+            covered = int((extrapolated <= r + 1e-9).sum())
+            per_rank[r] = (
+                f"{covered}/{len(self.layers)} layers' {rule} rank ≤ r"
+            )
+            r *= 2
+        notes = list(self.notes)
+        capped = [n for n, f in fits.items() if f["rank"] >= self.max_rank - 1e-9]
+        if capped:
+            notes.append(
+                f"{len(capped)} layer(s) reach max_rank={self.max_rank} (e.g. {capped[0]}): "
+                "the true rank may be higher, rerun with a larger max_rank"
+            )
+        if not extrapolated.any():
+            notes.append(
+                "no layer shows a replicated direction: rank 1 is the floor, not a finding"
+            )
+        details = self.to_dict()
+        details.update(
+            {
+                "rule_used": rule,
+                "layer_table": self.layer_table(rule),
+                "fits": fits,
+                "global_curve": self.global_curve(rule),
+                "global_quantile_value": float(
+                    np.quantile(extrapolated, self.global_quantile, method="higher")
+                ),
+            }
+        )
+        return Evidence(
+            name="gradient_spectrum",
+            kind="estimate",
+            suggested_rank=rank,
+            interval=interval,
+            per_rank=per_rank,
+            rank_pattern=self.rank_pattern(rule),
+            assumptions=[
+                "the gradient at the base weights points where fine-tuning goes (first-order view)",
+                "calibration examples are exchangeable draws from the training distribution",
+                f"signal rank grows with examples as a power law (exponent in [0, 1]); "
+                f"extrapolated from n={self.n_examples} to n={self.n_train}",
+                f"global rank = {self.global_quantile:.0%} quantile of per-layer ranks, "
+                "rounded up to a power of two",
+            ],
+            notes=notes,
+            details=details,
+            cost_seconds=self.cost_seconds,
+        )
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
+    return rule
+
+
+def _global(ranks: list[float], q: float, max_rank: int) -> int:
+    value = math.ceil(float(np.quantile(np.asarray(ranks), q, method="higher")) - 1e-9)
+    return min(max_rank, 1 << max(0, value - 1).bit_length())  # next power of two, >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
+
+
+def gradient_spectrum(
+    model: nn.Module,
+    examples: list[dict],
+    target_names: list[str],
+    *,
+    pad_token_id: int,
+    max_rank: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
+    n_train: int | None = None,
+    exact_max_dim: int = 1024,
+    oversample: int | None = None,
+    rule: str = "replication",
+    alpha: float = 0.05,
+    n_flips: int = 1000,
+    max_groups: int = 256,
+    global_quantile: float = 0.9,
+    progress: bool = True,
+) -> GradientSpectrum:
+    """Measure each target layer's gradient spectrum on `examples` (see the module docstring).
+
+    exact_max_dim: layers with max(d_in, d_out) <= this keep G exactly; others are sketched
+      (0 forces the sketch everywhere, which is how tests compare sketch and exact).
+    oversample: sketch width k = max_rank + oversample (default max(max_rank, 24)), and the
+      co-range sketch has 2k + 1 rows (Tropp et al. 2017), both capped by the layer's dims.
+      Single-pass sketches cannot use power iterations, and gradient spectra have heavy noise
+      tails, so oversampling is what buys accuracy for the weaker signal directions.
+    max_groups: examples of a half are summed into at most this many groups before the sign
+      flips, which keeps memory O(max_groups * max_rank) per layer on large calibration sets.
+    """
+    start = time.perf_counter()
+    _check_rule(rule)
+    taps_spec = _resolve_targets(model, target_names, max_rank)
+    plan = _plan(examples, fractions, seed, batch_size, max_groups)
+    n_train = len(examples) if n_train is None else int(n_train)
+    if n_train < 1:
+        raise ValueError(f"n_train must be >= 1, got {n_train}")
+    oversample = max(max_rank, 24) if oversample is None else oversample
+    device = next(model.parameters()).device
+
+    taps = [
+        _Tap(
+            name,
+            module,
+            max_rank,
+            oversample,
+            max(module.in_features, module.out_features) <= exact_max_dim,
+            len(fractions),
+            plan.n_groups,
+            seed + i,
+            device,
+        )
+        for i, (name, module) in enumerate(taps_spec)
+    ]
+    timings: dict[str, float] = {}
+    with _Streaming(model, taps) as stream, _progress_bar(progress, plan.n_batches()) as bar:
+        t0 = time.perf_counter()
+        stream.run(
+            examples, plan, half=0, accumulate=True, project=False, pad=pad_token_id, bar=bar
+        )
+        for tap in taps:
+            tap.set_directions(read_half=1, pairs=tap.top_pairs(half=0))
+        stream.run(examples, plan, half=1, accumulate=True, project=True, pad=pad_token_id, bar=bar)
+        for tap in taps:
+            tap.set_directions(read_half=0, pairs=tap.top_pairs(half=1))
+            tap.summarise_full()  # spectrum of G_A + G_B, noise level; frees the accumulators
+        timings["passes_1_2"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stream.run(
+            examples, plan, half=0, accumulate=False, project=True, pad=pad_token_id, bar=bar
+        )
+        timings["pass_3"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    layers = [tap.finish(plan, alpha, n_flips, seed) for tap in taps]
+    timings["analysis"] = time.perf_counter() - t0
+    notes = []
+    if any(layer.method == "sketch" for layer in layers):
+        notes.append("layers above exact_max_dim were read through randomized sketches")
+    return GradientSpectrum(
+        layers=layers,
+        fractions=tuple(fractions),
+        n_examples=2 * plan.n_half,
+        n_train=n_train,
+        max_rank=max_rank,
+        rule=rule,
+        global_quantile=global_quantile,
+        alpha=alpha,
+        settings={
+            "batch_size": batch_size,
+            "seed": seed,
+            "exact_max_dim": exact_max_dim,
+            "oversample": oversample,
+            "n_flips": n_flips,
+            "max_groups": max_groups,
+            "groups_per_half": plan.n_groups,
+            "timings": timings,
+        },
+        notes=notes,
+        cost_seconds=time.perf_counter() - start,
+    )
+
+
+def _resolve_targets(
+    model: nn.Module, target_names: list[str], max_rank: int
+) -> list[tuple[str, nn.Linear]]:
+    if not target_names:
+        raise ValueError("target_names is empty: give at least one nn.Linear module name")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    modules = dict(model.named_modules())
+    out = []
+    for name in target_names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"unknown target {name!r}: no nn.Linear module of that name in the model"
+            )
+        limit = min(module.in_features, module.out_features)
+        if max_rank > limit:
+            raise ValueError(
+                f"max_rank={max_rank} exceeds min(d_in, d_out)={limit} of target {name!r}"
+            )
+        out.append((name, module))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data plan: halves, chunks (one per fraction), groups (units of the sign flips), batches
+
+
+@dataclass
+class _Plan:
+    n_half: int
+    chunk_ends: list[int]  # cumulative examples per half at each fraction
+    group_ends: list[int]  # cumulative groups per half at each fraction
+    n_groups: int  # groups per half
+    batches: list[list[tuple[int, np.ndarray, np.ndarray]]]  # half -> [(chunk, idx, group ids)]
+
+    def n_batches(self) -> int:
+        return 2 * len(self.batches[0]) + len(self.batches[1])  # A, B, then A again
+
+
+def _plan(
+    examples: list[dict], fractions: tuple[float, ...], seed: int, batch_size: int, max_groups: int
+) -> _Plan:
+    """Deterministic split: shuffle with `seed`, halves A and B, each cut at the fractions."""
+    fr = [float(f) for f in fractions]
+    if (
+        not fr
+        or fr[-1] != 1.0
+        or any(b <= a for a, b in zip(fr, fr[1:], strict=False))
+        or fr[0] <= 0
+    ):
+        raise ValueError(
+            f"fractions must increase in (0, 1] and end at 1.0, got {tuple(fractions)}"
+        )
+    if batch_size < 1 or max_groups < 2:
+        raise ValueError("batch_size must be >= 1 and max_groups >= 2")
+    n = len(examples)
+    n_half = n // 2
+    chunk_ends = [math.floor(f * n_half + 1e-9) for f in fr]
+    if chunk_ends[0] < 2:
+        need = 2 * math.ceil(2 / fr[0])
+        raise ValueError(
+            f"too few examples: need >= 2 per half at the smallest fraction {fr[0]} "
+            f"(got {n} examples, need >= {need})"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    lengths = np.array([len(e["input_ids"]) for e in examples])
+    group_size = math.ceil(n_half / max_groups)
+    batches: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[], []]
+    group_ends = []
+    for h in range(2):
+        half = perm[h * n_half : (h + 1) * n_half]
+        next_group = 0
+        for c, (lo, hi) in enumerate(zip([0] + chunk_ends[:-1], chunk_ends, strict=True)):
+            idx = half[lo:hi]
+            idx = idx[np.argsort(lengths[idx], kind="stable")]  # less padding per batch
+            groups = next_group + np.arange(len(idx)) // group_size
+            next_group = int(groups[-1]) + 1
+            if h == 0:
+                group_ends.append(next_group)
+            for b in range(0, len(idx), batch_size):
+                batches[h].append((c, idx[b : b + batch_size], groups[b : b + batch_size]))
+    n_groups = group_ends[-1]
+    return _Plan(n_half, chunk_ends, group_ends, n_groups, batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer streaming state
+
+
+class _Tap:
+    """One target layer: gradient summaries per (half, chunk) and per-group projections.
+
+    Exact layers keep G (d_out x d_in) per (half, chunk). Sketched layers keep Y = G Omega
+    (d_out x (k + h)) and W = Psi G (l x d_in), with the same Omega, Psi for every chunk and half
+    so that sums and differences of sketches are sketches of sums and differences. The last h
+    columns of Omega are held out of the SVD and serve only to estimate ||G||_F^2.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Linear,
+        max_rank: int,
+        oversample: int,
+        exact: bool,
+        n_frac: int,
+        n_groups: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.name, self.module = name, module
+        self.d_out, self.d_in = module.out_features, module.in_features
+        self.r, self.n_frac, self.exact = max_rank, n_frac, exact
+        if not exact:
+            self.k = min(max_rank + oversample, self.d_in, self.d_out)
+            self.l = min(2 * self.k + 1, self.d_out)
+            self.h = max(4, self.k // 4)
+            gen = torch.Generator().manual_seed(seed)
+            self.omega = torch.randn(self.d_in, self.k + self.h, generator=gen).to(device)
+            self.psi = torch.randn(self.l, self.d_out, generator=gen).to(device)
+        self.acc: dict[tuple[int, int], Any] = {}
+        self.dirs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # read half -> (U, V)
+        self.proj = {h: torch.zeros(n_groups, n_frac * max_rank, device=device) for h in (0, 1)}
+        self.full: list[dict[str, Any]] = []
+
+    # streaming ----------------------------------------------------------------------------
+    def add(self, half: int, chunk: int, x: torch.Tensor, d: torch.Tensor) -> None:
+        """x: (N, d_in), d: (N, d_out), float32."""
+        key = (half, chunk)
+        if self.exact:
+            g = d.T @ x
+            self.acc[key] = g if key not in self.acc else self.acc[key] + g
+            return
+        y, w = d.T @ (x @ self.omega), (d @ self.psi.T).T @ x
+        if key in self.acc:
+            y, w = y + self.acc[key][0], w + self.acc[key][1]
+        self.acc[key] = (y, w)
+
+    def project(self, half: int, groups: torch.Tensor, x: torch.Tensor, d: torch.Tensor) -> None:
+        """x: (B, T, d_in), d: (B, T, d_out): add sum_t (u_i^T d_t)(x_t^T v_i) per example."""
+        u, v = self.dirs[half]
+        c = ((d @ u) * (x @ v)).sum(1)  # (B, n_frac * r)
+        self.proj[half].index_add_(0, groups, c)
+
+    # summaries ----------------------------------------------------------------------------
+    def _summary(self, half: int | None, chunks: int, sign: float = 1.0) -> Any:
+        """G (exact) or (Y, W) (sketch) of the first `chunks` chunks; half None = A + sign * B."""
+        halves = [half] if half is not None else [0, 1]
+        parts = []
+        for h in halves:
+            s = 1.0 if (half is not None or h == 0) else sign
+            for c in range(chunks):
+                a = self.acc.get((h, c))
+                if a is not None:
+                    parts.append((s, a))
+        if self.exact:
+            out = torch.zeros(self.d_out, self.d_in, device=self.proj[0].device)
+            for s, a in parts:
+                out = out + s * a
+            return out
+        y = torch.zeros(self.d_out, self.k + self.h, device=self.proj[0].device)
+        w = torch.zeros(self.l, self.d_in, device=self.proj[0].device)
+        for s, (ay, aw) in parts:
+            y, w = y + s * ay, w + s * aw
+        return y, w
+
+    def _svd(self, summary: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.exact:
+            u, s, vh = torch.linalg.svd(summary, full_matrices=False)
+            return u[:, :rank], s, vh[:rank].T  # all singular values, top vectors
+        return sketch_svd(summary[0][:, : self.k], summary[1], self.psi, rank)
+
+    def _energy(self, summary: Any) -> float:
+        """||G||_F^2: exact, or from the sketches with the reconstruction G^ = Q X as a control
+        variate (as in Hutch++): ||X||^2 + (||G Omega_h||^2 - ||G^ Omega_h||^2) / h, unbiased
+        because the held-out Omega_h is independent of G^. Plain ||G Omega||^2 / k would have a
+        relative spread of sqrt(2 / k) when one direction dominates, as gradients often do."""
+        if self.exact:
+            return float((summary.double() ** 2).sum())
+        y, w = summary
+        _, x = _sketch_factors(y[:, : self.k], w, self.psi)
+        held = self.omega[:, self.k :].double()
+        residual = float((y[:, self.k :].double() ** 2).sum()) - float(((x @ held) ** 2).sum())
+        return max(0.0, float((x**2).sum()) + residual / self.h)
+
+    def top_pairs(self, half: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Top max_rank singular pairs of G_half at each fraction."""
+        out = []
+        for j in range(self.n_frac):
+            u, _, v = self._svd(self._summary(half, j + 1), self.r)
+            out.append((u, v))
+        return out
+
+    def set_directions(
+        self, read_half: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        self.dirs[read_half] = (
+            torch.cat([u for u, _ in pairs], 1),
+            torch.cat([v for _, v in pairs], 1),
+        )
+
+    def summarise_full(self) -> None:
+        """Spectrum of G = G_A + G_B and the noise level from G_A - G_B at each fraction."""
+        m, n = sorted((self.d_out, self.d_in))
+        lam = gavish_donoho_lambda(m / n)
+        for j in range(self.n_frac):
+            g = self._summary(None, j + 1)
+            u, s, v = self._svd(g, self.r)
+            total = self._energy(g)
+            noise_energy = self._energy(self._summary(None, j + 1, sign=-1.0))
+            sigma = math.sqrt(noise_energy / (m * n))
+            entry = {
+                "s": s.double().cpu().numpy(),
+                "total": total,
+                "sigma": sigma,
+                "gd_threshold": lam * math.sqrt(n) * sigma,
+            }
+            if j == self.n_frac - 1:
+                entry["u"], entry["v"] = u.cpu().numpy(), v.cpu().numpy()
+            self.full.append(entry)
+        self.acc.clear()
+
+    def finish(self, plan: _Plan, alpha: float, n_flips: int, seed: int) -> LayerSpectrum:
+        """Turn the stored projections and spectra into ranks under every rule."""
+        gen = torch.Generator().manual_seed(seed)  # per call: a layer's flips do not depend
+        # on which other layers were measured with it
+        ranks: dict[str, list[float]] = {rule: [] for rule in RULES}
+        rep_ab, rep_ba = [], []
+        for j in range(self.n_frac):
+            cols = slice(j * self.r, (j + 1) * self.r)
+            g_end = plan.group_ends[j]
+            ab = replication_test(self.proj[1][:g_end, cols], alpha, n_flips, gen)
+            ba = replication_test(self.proj[0][:g_end, cols], alpha, n_flips, gen)
+            rep_ab.append(ab["count"])
+            rep_ba.append(ba["count"])
+            ranks["replication"].append(float((ab["count"] + ba["count"]) // 2))
+            full = self.full[j]
+            s, total = full["s"], max(full["total"], 1e-300)
+            ranks["gavish_donoho"].append(float(min(self.r, int((s > full["gd_threshold"]).sum()))))
+            for p, key in ((0.9, "energy90"), (0.95, "energy95")):
+                ranks[key].append(float(energy_rank(s, total, p, self.r)))
+            ranks["stable"].append(float(total / max(float(s[0]) ** 2, 1e-300)))
+        last = self.full[-1]
+        return LayerSpectrum(
+            name=self.name,
+            d_out=self.d_out,
+            d_in=self.d_in,
+            method="exact" if self.exact else "sketch",
+            n_examples=[2 * e for e in plan.chunk_ends],
+            ranks=ranks,
+            replication_ab=rep_ab,
+            replication_ba=rep_ba,
+            t_ab=ab["t"],
+            t_ba=ba["t"],
+            strength_ab=ab["s"],
+            strength_ba=ba["s"],
+            threshold_ab=ab["threshold_t"],
+            threshold_ba=ba["threshold_t"],
+            singular_values=[float(x) for x in last["s"][: self.r]],
+            total_energy=float(last["total"]),
+            noise_sigma=float(last["sigma"]),
+            gd_threshold=float(last["gd_threshold"]),
+            energy_capped=energy_rank(last["s"], last["total"], 0.95, self.r + 1) > self.r,
+            u=last["u"],
+            v=last["v"],
+        )
+
+
+def sketch_svd(
+    y: torch.Tensor, w: torch.Tensor, psi: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-pass randomized SVD from Y = G Omega and W = Psi G (Tropp, Yurtsever, Udell and
+    Cevher 2017, "Practical sketching algorithms for low-rank matrix approximation"; Halko,
+    Martinsson and Tropp 2011): G ~ Q X with Q = orth(Y), X = (Psi Q)^+ W. Returns the top
+    `rank` left vectors (d_out x rank), all k singular values, the top right vectors (d_in x rank).
+    """
+    q, x = _sketch_factors(y, w, psi)
+    ux, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u = (q @ ux[:, :rank]).to(y.dtype)
+    return u, s.to(y.dtype), vh[:rank].T.to(y.dtype)
+
+
+def _sketch_factors(
+    y: torch.Tensor, w: torch.Tensor, psi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q = orth(Y) and X = (Psi Q)^+ W, in float64: G ~ Q X."""
+    q, _ = torch.linalg.qr(y.double())
+    x = torch.linalg.lstsq(psi.double() @ q, w.double()).solution
+    return q, x
+
+
+# ---------------------------------------------------------------------------------------------
+# rules
+
+
+def replication_test(
+    c: torch.Tensor, alpha: float, n_flips: int, gen: torch.Generator
+) -> dict[str, Any]:
+    """Count directions replicated in the held-out half. c: (groups, directions), the per-group
+    contributions to s_i = u_i^T G_heldout v_i. Statistic T_i = sum_g c_gi / sqrt(sum_g c_gi^2);
+    threshold = (1 - alpha) quantile of max_i T_i over random sign flips of the groups."""
+    c = c.double().cpu()
+    n = c.shape[0]
+    norm = (c**2).sum(0).sqrt().clamp_min(1e-300)
+    t_obs = c.sum(0) / norm
+    signs = torch.randint(0, 2, (n_flips, n), generator=gen).double() * 2 - 1
+    t_null = ((signs @ c) / norm).max(1).values
+    threshold = float(torch.quantile(t_null, 1 - alpha))
+    count = int((t_obs > threshold).sum())
+
+    def to_t(x: torch.Tensor) -> torch.Tensor:  # self-normalised sum -> one-sample t, df n - 1
+        return x * math.sqrt(n - 1) / (n - x**2).clamp_min(1e-12).sqrt()
+
+    return {
+        "count": count,
+        "t": [round(float(x), 4) for x in to_t(t_obs)],
+        "s": [float(x) for x in c.sum(0)],
+        "threshold_t": float(to_t(torch.tensor(threshold, dtype=torch.float64))),
+    }
+
+
+def gavish_donoho_lambda(beta: float) -> float:
+    """Optimal hard threshold coefficient for known noise (Gavish and Donoho 2014): singular
+    values above lambda(beta) * sqrt(n) * sigma are kept, beta = m / n <= 1."""
+    return math.sqrt(2 * (beta + 1) + 8 * beta / (beta + 1 + math.sqrt(beta**2 + 14 * beta + 1)))
+
+
+def energy_rank(s: np.ndarray, total: float, p: float, cap: int) -> int:
+    """Smallest r whose top-r singular values hold a fraction p of ||G||_F^2 (capped)."""
+    cum = np.cumsum(np.asarray(s, dtype=np.float64) ** 2) / max(total, 1e-300)
+    hit = np.nonzero(cum >= p - 1e-12)[0]
+    return int(min(cap, hit[0] + 1 if len(hit) else cap))
+
+
+def fit_growth(
+    n: list[int],
+    r: list[float],
+    n_target: int,
+    max_rank: int,
+    r_range: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Power law in examples, 1 + r(n) = a n^b, least squares in log-log, anchored at the
+    largest n (the best-measured point) and extrapolated to n_target.
+
+    Why 1 + r: a layer can show rank 0 on little data. Why b clipped to [0, 1]: more data does
+    not hide a real direction, and a rank cannot grow faster than the data. The interval spans
+    the exponents of every pair of fractions (clipped the same way) and `r_range`, the spread
+    of the rank measured at the largest n (for the replication rule: A -> B versus B -> A).
+    """
+    x, y = np.log(np.asarray(n, dtype=np.float64)), np.log1p(np.asarray(r, dtype=np.float64))
+    if len(x) >= 2:
+        b = float(np.polyfit(x, y, 1)[0])
+        slopes = [
+            (y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x))
+        ]
+    else:
+        b, slopes = 0.0, [0.0]
+    b = float(np.clip(b, 0.0, 1.0))
+    slopes = [float(np.clip(s, 0.0, 1.0)) for s in slopes]
+    r_lo, r_hi = r_range if r_range is not None else (r[-1], r[-1])
+
+    def predict(at_n: float, exponent: float) -> float:
+        value = (1.0 + at_n) * (n_target / n[-1]) ** exponent - 1.0
+        return float(np.clip(value, 0.0, max_rank))
+
+    point = predict(r[-1], b)
+    ends = [predict(at, e) for at in (r_lo, r_hi) for e in (min(slopes), max(slopes))]
+    return {
+        "model": "1 + r = a * n^b",
+        "exponent": b,
+        "exponent_range": [min(slopes), max(slopes)],
+        "n": [int(v) for v in n],
+        "observed": [float(v) for v in r],
+        "n_target": int(n_target),
+        "rank": point,
+        "interval": [min(ends + [point]), max(ends + [point])],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming machinery: hooks, loss, progress
+
+
+class _Streaming:
+    """Hooks on the target layers; runs passes over the plan. Restores the model on exit.
+
+    All parameters are frozen: the output gradients d_t come from making each target's output
+    require grad, so no full-weight .grad is ever stored.
+    """
+
+    def __init__(self, model: nn.Module, taps: list[_Tap]):
+        self.model, self.taps = model, taps
+        self.ctx: dict[str, Any] = {}
+
+    def __enter__(self) -> _Streaming:
+        self.was_training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        self.handles = [tap.module.register_forward_hook(self._hook(tap)) for tap in self.taps]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+
+    def _hook(self, tap: _Tap):
+        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not self.ctx:
+                return output
+            x = inputs[0].detach()
+            if not output.requires_grad:  # nothing upstream needs gradients: start the graph here
+                output = output.detach().requires_grad_().clone()  # clone: in-place ops stay legal
+            ctx = self.ctx
+
+            def grad_hook(d: torch.Tensor) -> None:
+                b = ctx["batch"]
+                x3 = x.reshape(b, -1, tap.d_in).float()
+                d3 = d.detach().reshape(b, -1, tap.d_out).float()
+                if ctx["accumulate"]:
+                    tap.add(
+                        ctx["half"],
+                        ctx["chunk"],
+                        x3.reshape(-1, tap.d_in),
+                        d3.reshape(-1, tap.d_out),
+                    )
+                if ctx["project"]:
+                    tap.project(ctx["half"], ctx["groups"], x3, d3)
+
+            output.register_hook(grad_hook)
+            return output
+
+        return forward_hook
+
+    def run(
+        self,
+        examples: list[dict],
+        plan: _Plan,
+        *,
+        half: int,
+        accumulate: bool,
+        project: bool,
+        pad: int,
+        bar: Any,
+    ) -> None:
+        device = next(self.model.parameters()).device
+        for chunk, idx, groups in plan.batches[half]:
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
+            self.ctx = {
+                "half": half,
+                "chunk": chunk,
+                "accumulate": accumulate,
+                "project": project,
+                "batch": len(idx),
+                "groups": torch.as_tensor(groups, device=device),
+            }
+            with torch.enable_grad():
+                loss = summed_loss(self.model, batch)
+                if not loss.requires_grad:
+                    raise ValueError("the loss does not depend on any target layer")
+                loss.backward()
+            self.ctx = {}
+            bar()
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SUM of per-token losses over supervised tokens (causal LM) or over examples
+    (classification), so that G = sum_t d_t x_t^T is the gradient of the summed loss and
+    per-example contributions add up."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if labels.dim() == 2:  # causal LM: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+    if logits.shape[-1] == 1:  # regression head
+        return 0.5 * ((logits.squeeze(-1).float() - labels.float()) ** 2).sum()
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+class _progress_bar:
+    """rich progress over batches with ETA; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        self.progress = Progress(
+            TextColumn("gradient spectrum"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        self.progress.start()
+        task = self.progress.add_task("batches", total=self.total)
+        return lambda: self.progress.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# classification heads
+
+
+def find_classification_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The newly initialized head of a sequence-classification model, by its conventional
+    name: `classifier` (BERT, RoBERTa, DeBERTa), `score` (Llama, Qwen, Mistral, GPT-2) or
+    `classification_head` (BART, T5). By name only: a loose guess could train the body."""
+    for name in ("classifier", "score", "classification_head"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise ValueError(
+        "no classification head found (looked for 'classifier', 'score', 'classification_head')"
+    )
+
+
+def fit_head_on_frozen_features(
+    model: nn.Module,
+    examples: list[dict],
+    *,
+    pad_token_id: int,
+    steps: int = 200,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train only the classification head on frozen body features (DESIGN.md point 1).
+
+    Why: a randomly initialized head makes body gradients mostly noise; the rank the body needs
+    is the one it sees once the head is sensible, as it is a few steps into fine-tuning.
+    The body runs once: the head's inputs are cached (for per-token heads like `score`, at the
+    last attended token, which is where Llama-style models pool with right padding), then the
+    head alone is trained with Adam, full batch when the cached features are vectors.
+    Modifies the head in place; returns the loss before and after.
+    """
+    if not examples or not isinstance(examples[0]["labels"], int):
+        raise ValueError("fit_head_on_frozen_features needs classification examples (int labels)")
+    name, head = find_classification_head(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cached: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        feats = inputs[0].detach()
+        if output.dim() == 3:  # per-token head: pool where the model pools, the last real token
+            last = current["mask"].sum(1) - 1
+            feats = feats[torch.arange(feats.shape[0], device=feats.device), last]
+        cached.append({"x": feats.float(), "y": current["labels"]})
+
+    handle = head.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in range(0, len(examples), batch_size):
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate(examples[b : b + batch_size], pad_token_id).items()
+                }
+                current.update(mask=batch["attention_mask"], labels=batch["labels"])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+
+    vectors = all(c["x"].dim() == 2 for c in cached)
+    if vectors:
+        cached = [
+            {"x": torch.cat([c["x"] for c in cached]), "y": torch.cat([c["y"] for c in cached])}
+        ]
+    head_dtype = next(head.parameters()).dtype
+
+    def loss_of(c: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(head(c["x"].to(head_dtype)).float(), c["y"])
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(sum(loss_of(c) * len(c["y"]) for c in cached) / len(examples))
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    before = mean_loss()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(steps):
+            c = (
+                cached[0]
+                if vectors
+                else cached[int(torch.randint(len(cached), (1,), generator=order))]
+            )
+            opt.zero_grad(set_to_none=True)
+            loss_of(c).backward()
+            opt.step()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    return {
+        "head": name,
+        "loss_before": before,
+        "loss_after": mean_loss(),
+        "steps": steps,
+        "n_examples": len(examples),
+        "full_batch": vectors,
+    }
