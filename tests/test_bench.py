@@ -65,6 +65,19 @@ def test_score_task_rows(tmp_path):
     assert rows["successive halving"]["cost"] > 0
 
 
+def test_probe_curve_agreement(tmp_path):
+    task = fake_sweep(tmp_path, knee=4)
+    (task / "estimators").mkdir()
+    truth_L = bench.truth(bench.load_sweep(task)).L
+    curve = {str(r): {"loss": v + 0.1, "se": 0.01} for r, v in truth_L.items()}
+    (task / "estimators" / "probe.json").write_text(json.dumps(
+        {"name": "svd-probe", "suggested_rank": 4, "cost_seconds": 40.0, "curve": curve}))
+    s = bench.score_task(task)
+    assert s["curve_agreement"]["svd-probe"] == pytest.approx(1.0)
+    assert bench.spearman({1: 3.0, 2: 2.0, 4: 1.0}, {1: 1.0, 2: 2.0, 4: 3.0}) == \
+        pytest.approx(-1.0)
+
+
 def test_successive_halving_spends_less_than_the_sweep(tmp_path):
     sweep = bench.load_sweep(fake_sweep(tmp_path))
     pick, spent = bench.replay_successive_halving(sweep)

@@ -42,6 +42,16 @@ def truth(sweep: dict[str, Any]) -> RightRank:
     return right_rank(losses, seed_spread=spread)
 
 
+def spearman(a: dict[int, float], b: dict[int, float]) -> float:
+    """Rank correlation of two rank–loss curves over the ranks both measured."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 3:
+        return float("nan")
+    ra = np.argsort(np.argsort([a[r] for r in common]))
+    rb = np.argsort(np.argsort([b[r] for r in common]))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def params_table(sweep: dict[str, Any]) -> dict[int, float]:
     return {int(r): float(p) for r, p in sweep["meta"]["params"].items()}
 
@@ -123,18 +133,23 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     task = _task_info(task_dir)
     rows = [score(f"fixed r={r}", r, right, params, 0.0) for r in FIXED]
     rows.append(score("rule of thumb", rule_of_thumb(task), right, params, 0.0))
+    agreement = {}
     for path in sorted((task_dir / "estimators").glob("*.json")):
         ev = json.loads(path.read_text())
         if ev.get("suggested_rank") is None:
             continue
         cost = ev.get("cost_seconds", 0.0) / sec_step / full
         rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost))
+        if ev.get("curve"):
+            probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
+            agreement[ev["name"]] = spearman(probe_L, right.L)
     budget = max(1, round(2))  # two full runs: about what lorank's probe costs
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
     pick, spent = replay_successive_halving(sweep)
     rows.append(score("successive halving", pick, right, params, spent / full))
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
+            "curve_agreement": agreement,
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
 
@@ -206,6 +221,8 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
             lines.append(f"| {row['method']} | {row['r_rec']:g} | {row['regret']:.2%} | "
                          f"{row['waste']:.2f} | {row['cost']:.3f} | "
                          f"{'yes' if row['acceptable'] else 'no'} |")
+        for name, rho in s.get("curve_agreement", {}).items():
+            lines.append(f"\n{name} curve vs sweep curve: Spearman rank correlation {rho:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -224,17 +241,25 @@ def update_markdown(path: Path, tables: str) -> None:
 
 
 def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = True) -> list[Path]:
-    """Run lorank's estimators on a task's data (no training) and store their Evidence."""
+    """Run lorank's estimators on a task's data and store their Evidence.
+
+    capacity and gradient train nothing; the probe trains one run at the task's largest rank
+    with the task's steps and batch, at the geometric middle of its learning-rate grid (a user
+    running the probe has not tuned the learning rate either).
+    """
     from lorank.api import recommend
 
     task_dir = Path(task_dir)
     info = json.loads((task_dir / "data" / "task.json").read_text())["task"]
     written = []
+    lr = math.sqrt(min(info["lrs"]) * max(info["lrs"]))  # the grid's middle: no tuning
     for name in names:
+        probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]), "lr": lr,
+                 "batch_size": info["batch_size"]} if name == "probe" else {}
         rec = recommend(info["model"], task_dir / "data" / "train.jsonl",
                         val_data=task_dir / "data" / "val.jsonl", max_length=info["max_length"],
                         targets=info.get("targets", "all-linear"), estimators=(name,),
-                        max_rank=max(info["ranks"]), progress=progress)
+                        max_rank=max(info["ranks"]), progress=progress, **probe)
         evidence = next(e for e in rec.evidence if e["name"] == name)
         evidence["recommended_rank"] = rec.rank
         (task_dir / "estimators").mkdir(exist_ok=True)
