@@ -41,6 +41,15 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread and do not fight other processes for 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 

@@ -24,13 +24,7 @@ from lorank.estimators.base import Evidence
 VOCAB, DIM, PAD = 48, 32, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: threads only cost synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_embedding(rank: int, seed: int) -> torch.Tensor:

@@ -61,14 +61,7 @@ BLOCK_TARGETS = [
 TARGETS = ["lm_head"] + BLOCK_TARGETS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits
-    made a 128 x 64 SVD 400x slower (0.6 ms -> 240 ms). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

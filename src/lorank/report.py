@@ -6,7 +6,7 @@ import contextlib
 import html
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,18 +37,31 @@ class _NoProgress:
         pass
 
 
+def new_progress(console: Console | None = None) -> Progress:
+    """lorank's one progress-bar layout: description, bar, n/total, elapsed, ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console or Console(stderr=True), transient=False,
+    )
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True, console: Console | None = None) -> Iterator[Progress]:
     """A rich progress bar with ETA, or a silent stand-in when disabled."""
     if not enabled:
         yield _NoProgress()  # type: ignore[misc]
         return
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console or Console(stderr=True), transient=False,
-    ) as bar:
+    with new_progress(console) as bar:
         yield bar
+
+
+@contextlib.contextmanager
+def ticker(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A progress bar over `total` units; yields the function that advances it by one."""
+    with progress_bar(enabled) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
 
 
 def human_bytes(n: float) -> str:

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from lorank.data import collate
 from lorank.estimators.base import Evidence
+from lorank.report import ticker
 
 
 @dataclass
@@ -204,7 +204,7 @@ def activation_spectrum(
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in target_names]
     batches = [examples[b : b + batch_size] for b in range(0, len(examples), batch_size)]
     try:
-        with torch.no_grad(), _bar(progress, len(batches)) as advance:
+        with torch.no_grad(), ticker("activation spectrum", len(batches), progress) as advance:
             for i, chunk in enumerate(batches):
                 batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
                 current["mask"] = batch["attention_mask"]
@@ -323,27 +323,3 @@ class _Gram:
         e = torch.linalg.solve_triangular(chol, y.T, upper=False).T  # y @ chol^-T
         s = torch.linalg.svdvals(e)
         return (s**2 - nu).clamp_min(0).cpu().numpy()
-
-
-class _bar:
-    """rich progress over batches with ETA; a no-op when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        self.progress = Progress(
-            TextColumn("activation spectrum"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        self.progress.start()
-        task = self.progress.add_task("batches", total=self.total)
-        return lambda: self.progress.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()

@@ -46,18 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from lorank.data import collate
 from lorank.estimators.base import Evidence
+from lorank.report import ticker
 
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable")
 
@@ -317,7 +310,8 @@ def gradient_spectrum(
         for i, (name, module) in enumerate(taps_spec)
     ]
     timings: dict[str, float] = {}
-    with _Streaming(model, taps) as stream, _progress_bar(progress, plan.n_batches()) as bar:
+    with (_Streaming(model, taps) as stream,
+          ticker("gradient spectrum", plan.n_batches(), progress) as bar):
         t0 = time.perf_counter()
         stream.run(
             examples, plan, half=0, accumulate=True, project=False, pad=pad_token_id, bar=bar
@@ -852,32 +846,6 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     if logits.shape[-1] == 1:  # regression head
         return 0.5 * ((logits.squeeze(-1).float() - labels.float()) ** 2).sum()
     return F.cross_entropy(logits.float(), labels, reduction="sum")
-
-
-class _progress_bar:
-    """rich progress over batches with ETA; a no-op when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        self.progress = Progress(
-            TextColumn("gradient spectrum"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        self.progress.start()
-        task = self.progress.add_task("batches", total=self.total)
-        return lambda: self.progress.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
 
 
 # ---------------------------------------------------------------------------------------------
