@@ -60,6 +60,15 @@ def test_estimate_capped_by_nothing_but_flagged_above_ceiling(tiny_llama):
     assert any("above the capacity ceiling 2" in w for w in rec.warnings)
 
 
+def test_estimate_at_its_limit_or_far_above_ceiling_is_low_confidence(tiny_llama):
+    targets = resolve_targets(tiny_llama)
+    capped = Evidence("gradient", "estimate", 16, interval=(16, 16),
+                      notes=["3 layer(s) reach max_rank=16 (e.g. x): the true rank may be higher"])
+    assert decide([capped], targets, ranks=[1, 2, 4, 8, 16]).confidence == "low"
+    far = [Evidence("capacity", "ceiling", 1), Evidence("gradient", "estimate", 8, interval=(8, 8))]
+    assert decide(far, targets, ranks=[1, 2, 4, 8, 16]).confidence == "low"
+
+
 def test_ceiling_alone_is_low_confidence(tiny_llama):
     rec = decide([Evidence("capacity", "ceiling", 4)], resolve_targets(tiny_llama),
                  ranks=[1, 2, 4, 8, 16])

@@ -266,7 +266,9 @@ def bench(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
-    n: int = typer.Option(400, help="examples to build from the standard library"),
+    n: int = typer.Option(300, help="examples to build from the standard library"),
+    calib: int = typer.Option(64, help="calibration examples for the gradient spectrum"),
+    budget: str = typer.Option(None, help="also run the probe: steps (40) or minutes (10m)"),
     seed: int = typer.Option(0, help="seed"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
@@ -274,7 +276,8 @@ def demo(
     from lorank.demo import run_demo
     from lorank.report import print_recommendation
 
-    rec, data_path = run_demo(out, n=n, seed=seed, progress=not quiet)
+    rec, data_path = run_demo(out, n=n, seed=seed, calib=calib, budget=budget,
+                              progress=not quiet)
     console.print(f"demo data: {data_path}")
     print_recommendation(rec, console)
     console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")

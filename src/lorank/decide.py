@@ -93,6 +93,9 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         pattern = dict(chosen.rank_pattern)
         lo, hi = chosen.interval or (rank, rank)
         confidence = "medium" if hi <= 4 * max(lo, 1) else "low"
+        capped = any("reach max_rank" in n for n in chosen.notes)
+        if capped or (ceiling is not None and rank > 4 * ceiling):
+            confidence = "low"  # an estimate at its own limit, or far above what data can fill
         rationale.append(f"{chosen.name}: the data asks for about {chosen.suggested_rank} "
                          f"directions (range {lo}–{hi}); rounded up to rank {rank}")
         rationale += chosen.notes
