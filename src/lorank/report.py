@@ -116,6 +116,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -129,7 +130,15 @@ def save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, path)
+
+
+def _default_mode() -> int:
+    """The mode a plain open() would give (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def plot_rank_curve(curves: dict[str, dict[int, dict[str, float]]], path: Path, *,
