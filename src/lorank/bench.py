@@ -227,6 +227,9 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+# bench name -> (recommend's estimator, probe method)
+BENCH_ESTIMATORS = {"capacity": ("capacity", None), "gradient": ("gradient", None),
+                    "svd-probe": ("probe", "svd"), "nested-probe": ("probe", "nested")}
 
 
 def update_markdown(path: Path, tables: str) -> None:
@@ -254,13 +257,16 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
     written = []
     lr = math.sqrt(min(info["lrs"]) * max(info["lrs"]))  # the grid's middle: no tuning
     for name in names:
+        if name not in BENCH_ESTIMATORS:
+            raise LorankError(f"--run {name}: unknown; known: {', '.join(BENCH_ESTIMATORS)}")
+        estimator, method = BENCH_ESTIMATORS[name]
         probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]), "lr": lr,
-                 "batch_size": info["batch_size"]} if name == "probe" else {}
+                 "batch_size": info["batch_size"], "probe_method": method} if method else {}
         rec = recommend(info["model"], task_dir / "data" / "train.jsonl",
                         val_data=task_dir / "data" / "val.jsonl", max_length=info["max_length"],
-                        targets=info.get("targets", "all-linear"), estimators=(name,),
+                        targets=info.get("targets", "all-linear"), estimators=(estimator,),
                         max_rank=max(info["ranks"]), progress=progress, **probe)
-        evidence = next(e for e in rec.evidence if e["name"] == name)
+        evidence = rec.evidence[-1]
         evidence["recommended_rank"] = rec.rank
         (task_dir / "estimators").mkdir(exist_ok=True)
         path = task_dir / "estimators" / f"{name}.json"

@@ -230,7 +230,8 @@ def bench(
     markdown: Path = typer.Option(Path("benchmarks/BENCHMARKS.md"), help="file whose generated "
                                   "block is rewritten"),
     run: str = typer.Option("", help="first run these estimators on every task with a sweep "
-                            "(comma-separated, e.g. capacity); results are stored and reused"),
+                            "(comma-separated: capacity, gradient, svd-probe, nested-probe); "
+                            "their Evidence is stored and reused"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Score every method on every task against the sweep's truth (regret, waste, cost)."""
