@@ -51,12 +51,12 @@ def test_recipes_are_complete() -> None:
         assert spec.ranks == (1, 2, 4, 8, 16, 32, 64)
         assert spec.seeds == (0, 1) and spec.scaling == "rslora"
         assert len(spec.lrs) >= 2 and spec.targets == "all-linear"
-        assert spec.n_runs == 28 and spec.sweep_hours() > 0
+        assert spec.n_runs == 7 * len(spec.lrs) * 2 and spec.sweep_hours() > 0
         assert 16 <= spec.mean_tokens <= 96
         json.dumps(spec.to_dict())
-    # all but the larger memorization tasks fit a sweep in about an hour on 2 cores
-    for name in ("format-json", "facts-300", "code-docstring", "man-names", "wordnet-lexname"):
-        assert 0.7 <= TASKS[name].sweep_hours() <= 1.3, name
+    # the estimate scales with the work: the nested memorization sizes cost in proportion
+    hours = [TASKS[f"facts-{n}"].sweep_hours() for n in (300, 1500, 6000)]
+    assert hours[0] < hours[1] < hours[2]
 
 
 @pytest.mark.parametrize("name", list(TASKS))
