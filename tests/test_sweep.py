@@ -35,8 +35,8 @@ def sweep_cmd(model: str, data: str, out: Path, *extra: str) -> list[str]:
 
 def finished_points(out: Path) -> Counter:
     study = optuna.load_study(study_name="lorank-sweep", storage=f"sqlite:///{out / 'sweep.db'}")
-    return Counter((t.params["rank"], t.params["lr"], t.params["seed"])
-                   for t in study.get_trials() if t.user_attrs.get(FINISHED))
+    return Counter((p["rank"], p["lr"], p["seed"]) for t in study.get_trials()
+                   if t.user_attrs.get(FINISHED) for p in [t.system_attrs["fixed_params"]])
 
 
 def describe(out: Path) -> str:
@@ -122,3 +122,17 @@ def test_cli_bad_ranks_exit_2(sweep_inputs, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--ranks 1,x: expected comma-separated int" in done.stderr
+
+
+def test_grid_can_grow(sweep_inputs, tmp_path):
+    """A second run with another learning rate adds only the new points."""
+    model, data = sweep_inputs
+    out = tmp_path / "grow"
+    small = sweep_cmd(model, data, out)
+    small[small.index("1,2,4")] = "1"
+    small[small.index("1e-3,3e-3")] = "1e-3"
+    assert subprocess.run(small, capture_output=True).returncode == 0
+    small[small.index("1e-3")] = "1e-3,3e-3"
+    done = subprocess.run(small, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert finished_points(out) == Counter({(1, 1e-3, 0): 1, (1, 3e-3, 0): 1})

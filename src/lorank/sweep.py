@@ -295,8 +295,9 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
                 trial.set_user_attr("status", "skipped: another trial has this point")
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            for name, values in (("rank", spec.ranks), ("lr", spec.lrs), ("seed", spec.seeds)):
-                trial.suggest_categorical(name, values)
+            # the point stays in the queue's fixed params (and a user attr), not in suggested
+            # params, so a later run can extend the grid without distribution clashes
+            trial.set_user_attr("point", point)
             _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
                        pad_token_id, out)
             done_here += 1
