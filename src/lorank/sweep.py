@@ -352,6 +352,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
         trials.append({"number": t.number, **point, "status": t.user_attrs.get("status"),
                        "value": t.value, "per_example": t.user_attrs.get("per_example"),
                        "wall_seconds": t.user_attrs.get("wall_seconds"),
+                       "curve": t.user_attrs.get("curve"),
                        "steps_done": t.user_attrs.get("steps_done"),
                        "trainable_params": t.user_attrs.get("trainable_params")})
     curve = rank_loss_curve(trials)
