@@ -423,23 +423,9 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero:
             return control
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from lorank.report import new_progress
 
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
+        self._progress = new_progress()
         self._progress.start()
         self._task = self._progress.add_task(
             self._text(), total=state.max_steps, completed=state.global_step
