@@ -11,7 +11,9 @@ or repeated. Optional successive-halving pruning (Optuna's pruner) stops weak ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -76,17 +78,35 @@ def open_study(out: Path, storage: str | None, prune: bool) -> optuna.Study:
               if prune else optuna.pruners.NopPruner())
     for attempt in range(6):  # workers starting together race to create the schema
         try:
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-            return optuna.create_study(study_name=STUDY_NAME, storage=rdb, load_if_exists=True,
-                                       direction="minimize", pruner=pruner)
+            with _schema_lock(url, out):
+                rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+                return optuna.create_study(study_name=STUDY_NAME, storage=rdb,
+                                           load_if_exists=True, direction="minimize",
+                                           pruner=pruner)
         except Exception as err:  # sqlalchemy / driver errors vary; the user needs one line
             reason = str(err).splitlines()[0][:200]
-            if "already exists" in reason and attempt < 5:
+            racing = ("already exists", "UNIQUE constraint", "locked")
+            if any(r in reason for r in racing) and attempt < 5:
                 time.sleep(0.5 + attempt)
                 continue
             raise LorankError(f"--storage {url}: cannot open the study storage ({reason})"
                               ) from None
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, out: Path):
+    """Serialize schema creation between workers on this host (SQLite has no DDL locking)."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(out) / ".sweep.lock"
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
