@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from conftest import write_jsonl
 
 from lorank.errors import LorankError
-from lorank.sweep import FINISHED, open_study, parse_list, rank_loss_curve
+from lorank.sweep import FINISHED, open_study, parse_list, rank_loss_curve, recover_interrupted
 
 GRID = ["--ranks", "1,2,4", "--lrs", "1e-3,3e-3", "--seeds", "0"]
 
@@ -82,6 +83,34 @@ def test_two_workers_share_one_study(sweep_inputs, tmp_path):
         assert p.returncode == 0, err
     points = finished_points(out)
     assert len(points) == 6 and set(points.values()) == {1}
+
+
+def test_recovery_spares_a_worker_that_starts_meanwhile(tmp_path, monkeypatch):
+    """The CI race: while one worker lists the running trials, another registers and asks for
+    a trial that has no pid yet. Recovery must see that worker and leave its trial alone."""
+    study = open_study(tmp_path, None, prune=False)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        listing = study.get_trials
+
+        def list_while_a_worker_starts(*args, **kwargs):
+            trials = listing(*args, **kwargs)
+            if not (tmp_path / "workers").exists():  # the other worker starts right now
+                (tmp_path / "workers").mkdir()
+                (tmp_path / "workers" / f"{socket.gethostname()}-{other.pid}").write_text("0")
+                study.ask()
+                trials = listing(*args, **kwargs)
+            return trials
+
+        monkeypatch.setattr(study, "get_trials", list_while_a_worker_starts)
+        assert recover_interrupted(study, tmp_path) == 0
+        assert [t.state for t in listing()] == [optuna.trial.TrialState.RUNNING]
+        other.kill()
+        other.wait()
+        assert recover_interrupted(study, tmp_path) == 1  # once it is gone, its trial is failed
+        assert [t.state for t in listing()] == [optuna.trial.TrialState.FAIL]
+    finally:
+        other.kill()
 
 
 def test_parse_list_errors():

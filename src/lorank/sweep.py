@@ -162,9 +162,13 @@ def recover_interrupted(study: optuna.Study, out: Path, orphan_age: float = 600.
     lives on this host (or it is older than `orphan_age` seconds, for workers elsewhere).
     """
     host, n = socket.gethostname(), 0
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # Look for live workers only after listing the trials: a worker registers before it asks
+    # for a trial, so every trial listed above that still lacks a pid belongs to a worker whose
+    # file is already there (checking first raced with a worker starting meanwhile).
     others = _other_live_workers(out)
     now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in running:
         attrs = t.user_attrs
         if "pid" in attrs:
             dead = attrs.get("host") == host and not _alive(int(attrs["pid"]))
@@ -252,11 +256,16 @@ class _PruningEvaluator:
     """Wraps the validation evaluator: reports to Optuna's pruner and stops pruned runs."""
 
     def __init__(self, inner: ValLossEvaluator, trial: optuna.Trial):
-        self.inner, self.trial, self.pruned_at = inner, trial, None
+        self.inner, self.trial, self.pruned_at, self.lost = inner, trial, None, False
 
     def __call__(self, model, step: int) -> EvalPoint:
         point = self.inner(model, step)
-        self.trial.report(point.val_loss, step)
+        try:
+            self.trial.report(point.val_loss, step)
+        except optuna.exceptions.UpdateFinishedTrialError:  # settled by another worker
+            self.lost = True
+            point.stop, point.message = True, "trial settled by another worker"
+            return point
         if self.trial.should_prune():
             self.pruned_at = step
             point.stop, point.message = True, "pruned"
@@ -336,6 +345,8 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
                         pad_token_id=pad_token_id, evaluator=evaluator, progress=False)
     record = result.to_dict() | {"point": point, "trial": trial.number,
                                  "per_example": result.best_val_losses}
+    if evaluator.lost:  # its point was re-enqueued; whoever holds it now stores the answer
+        return
     if evaluator.pruned_at is not None:
         record["status"] = "pruned"
     path = _result_path(out, point)
