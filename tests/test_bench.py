@@ -65,6 +65,31 @@ def test_score_task_rows(tmp_path):
     assert rows["successive halving"]["cost"] > 0
 
 
+def test_per_layer_baseline_rows(tmp_path):
+    """A per-layer run is judged like a swept rank: its loss against L_best, its parameters
+    against r*'s, and what it spent deciding (seconds at the sweep's pace, plus steps)."""
+    task = fake_sweep(tmp_path, knee=4)
+    sweep = bench.load_sweep(task)
+    best = np.asarray(sweep["curve"]["4"]["per_example"])
+    (task / "baselines").mkdir()
+
+    def write(name, per_example, params, seconds, steps):
+        runs = [{"seed": s, "per_example": (per_example + 0.001 * s).tolist()} for s in (0, 1)]
+        (task / "baselines" / f"{name}.json").write_text(json.dumps(
+            {"name": name, "rank_pattern": {"a": 4}, "trainable_params": params,
+             "decide_seconds": seconds, "decide_steps": steps, "runs": runs}))
+
+    write("fisher", best, 6000, 10.0, 0)  # as good as r*=4, 1.5x its parameters
+    write("adalora", best * 1.2, 8000, 0.0, 20)  # 20% worse: clearly outside tolerance
+    rows = {r["method"]: r for r in bench.score_task(task)["rows"]}
+    fisher, ada = rows["Fisher diagonal (per layer)"], rows["PEFT AdaLoRA (per layer)"]
+    assert fisher["acceptable"] and fisher["waste"] == pytest.approx(1.5)
+    assert fisher["r_rec"] == pytest.approx(6.0)  # parameter-equivalent rank
+    assert fisher["cost"] == pytest.approx(5 / 200)  # 10 s at 2 s/step
+    assert not ada["acceptable"] and ada["regret"] == pytest.approx(0.2, abs=0.01)
+    assert ada["cost"] == pytest.approx(20 / 200)
+
+
 def test_probe_curve_agreement(tmp_path):
     task = fake_sweep(tmp_path, knee=4)
     (task / "estimators").mkdir()

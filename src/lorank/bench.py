@@ -22,7 +22,7 @@ import optuna
 
 from lorank.errors import LorankError
 from lorank.report import atomic_write_text, plot_rank_curve
-from lorank.scoring import RightRank, right_rank, score
+from lorank.scoring import RightRank, right_rank, score, score_run
 
 FIXED = (8, 16)
 
@@ -143,6 +143,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         if ev.get("curve"):
             probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
             agreement[ev["name"]] = spearman(probe_L, right.L)
+    rows += score_layerwise(task_dir, sweep, right, params, sec_step, full)
     budget = max(1, round(2))  # two full runs: about what lorank's probe costs
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
@@ -152,6 +153,28 @@ def score_task(task_dir: Path) -> dict[str, Any]:
             "curve_agreement": agreement,
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
+
+
+def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
+                    params: dict[int, float], sec_step: float, full: int) -> list[dict]:
+    """Rows of the per-layer baselines (`baselines/*.json`, from `lorank bench --baselines`):
+    each trained its own runs; its cost is what it spent deciding, in training steps."""
+    rows = []
+    best = np.asarray(sweep["curve"][str(right.best_rank)]["per_example"], float)
+    for path in sorted((Path(task_dir) / "baselines").glob("*.json")):
+        b = json.loads(path.read_text())
+        runs = [np.asarray(r["per_example"], float) for r in b["runs"]]
+        seed_means = [float(np.nanmean(r)) for r in runs]
+        seed_sd = float(np.std(seed_means, ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else 0.0
+        steps = b["decide_seconds"] / sec_step + b["decide_steps"]
+        row = score_run(LAYERWISE_LABELS.get(b["name"], b["name"]), np.mean(runs, axis=0),
+                        b["trainable_params"], right, best, params, steps / full, seed_sd)
+        rows.append(row | {"rank_pattern": b["rank_pattern"]})
+    return rows
+
+
+LAYERWISE_LABELS = {"eva": "PEFT EVA (per layer)", "adalora": "PEFT AdaLoRA (per layer)",
+                    "fisher": "Fisher diagonal (per layer)"}
 
 
 def _task_info(task_dir: Path) -> dict[str, Any]:

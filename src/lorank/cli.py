@@ -232,6 +232,11 @@ def bench(
     run: str = typer.Option("", help="first run these estimators on every task with a sweep "
                             "(comma-separated: capacity, gradient, svd-probe, nested-probe); "
                             "their Evidence is stored and reused"),
+    baselines: str = typer.Option("", help="first train these per-layer baselines on every "
+                                  "task with a sweep (comma-separated: eva, adalora, fisher); "
+                                  "stored in TASK/baselines and reused"),
+    tasks: str = typer.Option("", help="only run --run / --baselines on these tasks "
+                              "(comma-separated folder names); scoring covers every task"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Score every method on every task against the sweep's truth (regret, waste, cost)."""
@@ -245,10 +250,25 @@ def bench(
 
     if not results.is_dir():
         raise LorankError(f"--results {results}: not a directory")
+    from lorank.baselines import BASELINES, run_task_baselines
+
     names = [n.strip() for n in run.split(",") if n.strip()]
-    if names:
-        for task_dir in sorted(p for p in results.iterdir() if (p / "sweep.json").exists()):
+    layerwise = [n.strip() for n in baselines.split(",") if n.strip()]
+    unknown = [n for n in layerwise if n not in BASELINES]
+    if unknown:
+        raise LorankError(f"--baselines {unknown[0]}: unknown; known: {', '.join(BASELINES)}")
+    swept = sorted(p for p in results.iterdir() if (p / "sweep.json").exists())
+    only = {t.strip() for t in tasks.split(",") if t.strip()}
+    if only - {p.name for p in swept}:
+        raise LorankError(f"--tasks {', '.join(sorted(only - {p.name for p in swept}))}: no "
+                          f"such task with a sweep.json under {results}")
+    for task_dir in swept:
+        if only and task_dir.name not in only:
+            continue
+        if names:
             run_task_estimators(task_dir, names, progress=not quiet)
+        if layerwise:
+            run_task_baselines(task_dir, layerwise, progress=not quiet)
     scored = run_bench(results)
     update_markdown(markdown, markdown_tables(scored, results))
     from rich.table import Table

@@ -225,3 +225,43 @@ def score(
         "cost": float(cost_fraction),
         "acceptable": bool(L_rec <= right.L_best + tol_rec),
     }
+
+
+def score_run(
+    method_name: str,
+    per_example: np.ndarray,
+    trainable_params: float,
+    right: RightRank,
+    best_per_example: np.ndarray,
+    params_per_rank: Mapping[int, float],
+    cost_fraction: float,
+    seed_sd: float = 0.0,
+) -> dict:
+    """One benchmark row for a method that trained its own adapter (per-layer ranks).
+
+    Judged like a swept rank: its mean loss against L_best with the same tolerance rule
+    (paired SE against the best rank's per-example losses, widened by both seed spreads).
+    `r_rec` is its parameter-equivalent global rank, so waste compares parameters directly.
+    """
+    per_example = np.asarray(per_example, dtype=float)
+    L_run = float(np.nanmean(per_example))
+    se = paired_se(per_example, best_per_example)
+    best_sd = (right.seed_sd or {}).get(right.best_rank, 0.0)
+    tol = max(REL_TOL * right.L_best, Z * math.sqrt(se**2 + seed_sd**2 + best_sd**2))
+    ranks = sorted(params_per_rank)
+    lo, hi = ranks[0], ranks[-1]
+    slope = (params_per_rank[hi] - params_per_rank[lo]) / (hi - lo)
+    r_eq = lo + (trainable_params - params_per_rank[lo]) / slope
+    return {
+        "method": method_name,
+        "r_rec": round(float(r_eq), 2),
+        "on_grid": False,
+        "r_star": right.r_star,
+        "best_rank": right.best_rank,
+        "L_rec": L_run,
+        "L_min": right.L_best,
+        "regret": (L_run - right.L_best) / right.L_best,
+        "waste": float(trainable_params) / _params(params_per_rank, right.r_star),
+        "cost": float(cost_fraction),
+        "acceptable": bool(L_run <= right.L_best + tol),
+    }

@@ -491,16 +491,20 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def build_peft_model(
-    model_factory: Callable[[], PreTrainedModel], config: TrainConfig
+    model_factory: Callable[[], PreTrainedModel], config: TrainConfig, peft_config: Any = None
 ) -> nn.Module:
-    """Seeded base model + LoRA (same seed -> same adapter init)."""
+    """Seeded base model + adapter (same seed -> same adapter init).
+
+    `peft_config` replaces the recipe's plain LoRA (per-layer baselines: EVA, AdaLoRA, a
+    rank_pattern); the recipe still sets everything else about the run.
+    """
     from peft import get_peft_model
 
     set_seed(config.seed)
     model = model_factory()
     with warnings.catch_warnings():  # peft asks the model a deprecated question; not ours
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        return get_peft_model(model, config.lora_config())
+        return get_peft_model(model, peft_config or config.lora_config())
 
 
 def train_lora(
@@ -517,6 +521,7 @@ def train_lora(
     evaluator: Evaluator | None = None,
     prepare_model: Callable[[nn.Module], None] | None = None,
     return_model: bool = False,
+    peft_config: Any = None,
 ) -> TrainResult:
     """Train one LoRA adapter with `config` and report its validation curve.
 
@@ -550,7 +555,7 @@ def train_lora(
     else:
         tmp_dir = tempfile.mkdtemp(prefix="lorank-train-")
 
-    model = build_peft_model(model_factory, config)
+    model = build_peft_model(model_factory, config, peft_config)
     if prepare_model is not None:  # before the Trainer builds its optimizer (hooks, extra params)
         prepare_model(model)
     trainable = count_trainable(model)
