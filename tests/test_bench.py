@@ -138,3 +138,40 @@ def test_run_bench_writes_tables(tmp_path):
 def test_no_sweep_is_one_clear_error(tmp_path):
     with pytest.raises(LorankError, match="no task has sweep.json"):
         bench.run_bench(tmp_path)
+
+
+def gradient_details(replication: list[float], energy: float) -> dict:
+    """Stored spectra of three layers: replication ranks by fraction (scaled by 1, 1/2, 1/4),
+    every other rule flat at `energy`."""
+    layers = []
+    for scale in (1.0, 0.5, 0.25):
+        ranks = {rule: [energy] * 3 for rule in ("gavish_donoho", "energy90", "energy95", "stable")}
+        ranks["replication"] = [r * scale for r in replication]
+        layers.append({"n_examples": [32, 64, 128], "ranks": ranks})
+    return {"layers": layers, "n_train": 512, "max_rank": 64}
+
+
+def test_gradient_rules_are_rescored_and_chosen_on_other_tasks(tmp_path):
+    tasks = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        task = fake_sweep(tmp_path / name, knee=4).rename(tmp_path / f"task-{name}")
+        (task / "estimators").mkdir()
+        (task / "estimators" / "gradient.json").write_text(json.dumps(
+            {"name": "gradient_spectrum", "suggested_rank": 64, "cost_seconds": 2.0,
+             "details": gradient_details([1.0, 2.0, 4.0], energy=60.0)}))
+        tasks.append(task)
+    picks = bench.gradient_rule_picks(gradient_details([1.0, 2.0, 4.0], energy=60.0))
+    assert picks["replication, q0.9, at calibration n"] == 4
+    assert picks["replication, q0.5, at calibration n"] == 2  # median of 4, 2 and 1
+    # growth 1 + r ~ n^0.66 from n=128 to 512: (1 + 4) * 4^0.66 - 1 = 11.5 -> power of two 16
+    assert picks["replication, q0.9, extrapolated"] == 16
+    assert picks["energy90, q0.9, at calibration n"] == 64
+    scored = [bench.score_task(t) for t in tasks]
+    held = bench.select_rule(scored)
+    assert [h["task"] for h in held] == ["task-a", "task-b", "task-c"]
+    assert all(h["rule"] == "replication, q0.9, at calibration n" for h in held)
+    assert all(h["acceptable"] and h["fitted_on"] and h["task"] not in h["fitted_on"]
+               for h in held)
+    text = bench.markdown_tables(scored, tmp_path)
+    assert "Leave one task out" in text and "energy90, q0.9, extrapolated" in text

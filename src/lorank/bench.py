@@ -144,13 +144,20 @@ def score_task(task_dir: Path) -> dict[str, Any]:
             probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
             agreement[ev["name"]] = spearman(probe_L, right.L)
     rows += score_layerwise(task_dir, sweep, right, params, sec_step, full)
+    rules = {}
+    gradient_path = task_dir / "estimators" / "gradient.json"
+    if gradient_path.exists():
+        ev = json.loads(gradient_path.read_text())
+        cost = ev.get("cost_seconds", 0.0) / sec_step / full
+        rules = {name: score(name, pick, right, params, cost)
+                 for name, pick in gradient_rule_picks(ev["details"]).items()}
     budget = max(1, round(2))  # two full runs: about what lorank's probe costs
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
     pick, spent = replay_successive_halving(sweep)
     rows.append(score("successive halving", pick, right, params, spent / full))
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
-            "curve_agreement": agreement,
+            "curve_agreement": agreement, "gradient_rules": rules,
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
 
@@ -175,6 +182,47 @@ def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
 
 LAYERWISE_LABELS = {"eva": "PEFT EVA (per layer)", "adalora": "PEFT AdaLoRA (per layer)",
                     "fisher": "Fisher diagonal (per layer)"}
+
+
+RULE_QUANTILES = (0.5, 0.9)
+
+
+def gradient_rule_picks(details: dict[str, Any]) -> dict[str, int]:
+    """The global rank every variant of the gradient spectrum would pick, from its stored
+    per-layer spectra: each rule, at the calibration size or extrapolated to the training set,
+    with the median or the 90% quantile over layers. Re-scoring a rule trains nothing."""
+    from lorank.estimators.gradient import RULES, _global, fit_growth
+
+    layers, n_train, max_rank = details["layers"], details["n_train"], details["max_rank"]
+    picks = {}
+    for rule in RULES:
+        at_calib = [float(lay["ranks"][rule][-1]) for lay in layers]
+        extrapolated = [fit_growth(lay["n_examples"], lay["ranks"][rule], n_train,
+                                   max_rank)["rank"] for lay in layers]
+        for q in RULE_QUANTILES:
+            picks[f"{rule}, q{q:g}, at calibration n"] = _global(at_calib, q, max_rank)
+            picks[f"{rule}, q{q:g}, extrapolated"] = _global(extrapolated, q, max_rank)
+    return picks
+
+
+def select_rule(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave one task out: choose the variant that is within tolerance on the most other tasks
+    (then lowest mean regret, then least waste) and report how it does on the held-out task.
+    The honest test of a fitted rule: it never sees the task it is judged on."""
+    with_rules = [s for s in scored if s.get("gradient_rules")]
+    out = []
+    for held in with_rules:
+        others = [s for s in with_rules if s is not held]
+        if not others:
+            continue
+        names = set.intersection(*(set(s["gradient_rules"]) for s in others))
+
+        chosen = min(names, key=lambda name, others=others: _rule_key(name, others))
+        row = held["gradient_rules"].get(chosen)
+        if row is not None:
+            out.append({"task": held["task"], "rule": chosen, "fitted_on": [s["task"] for s in others],
+                        **{k: row[k] for k in ("r_rec", "r_star", "regret", "waste", "acceptable")}})
+    return out
 
 
 def _task_info(task_dir: Path) -> dict[str, Any]:
@@ -246,7 +294,49 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
                          f"{'yes' if row['acceptable'] else 'no'} |")
         for name, rho in s.get("curve_agreement", {}).items():
             lines.append(f"\n{name} curve vs sweep curve: Spearman rank correlation {rho:.2f}")
+    lines += rule_tables(scored)
     return "\n".join(lines) + "\n"
+
+
+def _rule_key(name: str, tasks: list[dict[str, Any]]) -> tuple:
+    rows = [s["gradient_rules"][name] for s in tasks]
+    return (-sum(r["acceptable"] for r in rows), float(np.mean([r["regret"] for r in rows])),
+            float(np.mean([r["waste"] for r in rows])), name)
+
+
+def rule_tables(scored: list[dict[str, Any]]) -> list[str]:
+    """Every gradient-spectrum variant's pick per task, and the leave-one-task-out choice."""
+    tasks = [s for s in scored if s.get("gradient_rules")]
+    if not tasks:
+        return []
+    names = sorted(set().union(*(s["gradient_rules"] for s in tasks)))
+    lines = ["", "## Gradient-spectrum rules against r*", "",
+             "Pick (regret, ✓ = within tolerance) of every variant on every task; "
+             "regenerated from the stored spectra by `lorank bench`.", "",
+             "| variant | " + " | ".join(f"{s['task']} (r*={s['truth']['r_star']})"
+                                        for s in tasks) + " | within tol |",
+             "| --- |" + " ---: |" * len(tasks) + " ---: |"]
+    for name in names:
+        cells, ok = [], 0
+        for s in tasks:
+            row = s["gradient_rules"].get(name)
+            if row is None:
+                cells.append("–")
+                continue
+            ok += row["acceptable"]
+            cells.append(f"{row['r_rec']:g} ({row['regret']:.1%}{', ✓' if row['acceptable'] else ''})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ok}/{len(tasks)} |")
+    held = select_rule(scored)
+    if held:
+        lines += ["", "Leave one task out (the rule is chosen on the other tasks, judged on this "
+                  "one):", "", "| held-out task | chosen variant | pick | r* | regret | within tol |",
+                  "| --- | --- | ---: | ---: | ---: | :---: |"]
+        for h in held:
+            lines.append(f"| {h['task']} | {h['rule']} | {h['r_rec']:g} | {h['r_star']} | "
+                         f"{h['regret']:.2%} | {'yes' if h['acceptable'] else 'no'} |")
+    else:
+        lines += ["", "Leave-one-task-out selection needs at least two tasks with a sweep."]
+    return lines
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
