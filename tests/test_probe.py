@@ -317,3 +317,20 @@ def test_early_stop_when_decision_is_stable(tmp_path):
     assert again.steps_done == res.steps_done and again.early_stopped
     assert again.history == res.history
     assert again.curve[2]["loss"] == pytest.approx(res.curve[2]["loss"], rel=1e-6)
+
+
+def test_monitoring_subsample_steers_early_stop_and_the_final_curve_uses_all(tmp_path):
+    """Intermediate evaluations score a fixed subsample; the final curve every val example."""
+    train, val = planted_data(2, n_train=128, n_val=32)
+    cfg = replace(PROBE_CONFIG, eval_every=10, steps=20)
+    kw = dict(pad_token_id=0, config=cfg, max_rank=4, early_stop=False, n_boot=50,
+              progress=False)
+    sub = nested_probe(base_factory, train, val, n_monitor=8, **kw)
+    full = nested_probe(base_factory, train, val, n_monitor=1000, **kw)
+    assert sub.n_monitor == 8 and full.n_monitor == 32
+    assert all(len(v) == 32 for v in sub.val_losses.values())
+    # same training (the monitor does not touch it), so the same final curve
+    for r in full.curve:
+        assert sub.curve[r]["loss"] == pytest.approx(full.curve[r]["loss"], rel=1e-5)
+    # but the intermediate losses were read on 8 examples, not 32
+    assert sub.history[0]["loss"][4] != pytest.approx(full.history[0]["loss"][4], rel=1e-6)
