@@ -141,3 +141,17 @@ def test_probe_bad_budget(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
                        "--budget", "0", "--out", str(tmp_path / "o"), "--quiet")
     assert_one_line_error(code, err, "--budget 0: must be at least one step")
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys, model_dir):
+    """Typer hands Ctrl-C back as a return code when not standalone; it must not become 0."""
+    import lorank.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorank.models, "load_model", interrupted)
+    code, _, err = run(monkeypatch, capsys, "targets", "-m", model_dir)
+    assert code == 130 and "Traceback" not in err
+    assert "run the same command again" in err
+

@@ -307,7 +307,13 @@ def demo(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
+        if code == 130:
+            err_console.print("interrupted: finished work is kept; run the same command again "
+                              "to continue")
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LorankError as err:
         err_console.print(Text("error: ", style="red") + Text(str(err)), soft_wrap=True)
         sys.exit(2)
@@ -316,7 +322,8 @@ def main() -> None:
                           soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted: finished work is kept; run the same command again to "
+                          "continue")
         sys.exit(130)
     except Exception as err:  # click usage errors (typer vendors click) show themselves
         if hasattr(err, "show") and hasattr(err, "exit_code"):
