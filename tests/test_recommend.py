@@ -97,6 +97,8 @@ def test_recommend_with_budget_adds_probe_curve(tiny_llama_dir, pc_data, tmp_pat
     probe = rec.evidence[2]
     assert sorted(int(r) for r in probe["curve"]) == [1, 2, 4]
     assert probe["details"]["steps"] == 6 and probe["cost_seconds"] > 0
+    cost = probe["details"]["cost"]  # a plain run at R plus its truncations: at least one run
+    assert cost["cost_vs_one_run"] >= 1.0 and cost["cost_steps"] >= 6
     assert (out / "probe_curve.png").stat().st_size > 0
     assert rec.rank in (1, 2, 4) and "svd-probe" in rec.rationale[0]
 
@@ -136,3 +138,15 @@ def test_gradient_on_classification_fits_head_on_a_copy(tiny_bert_dir, cls_data)
     grad = rec.evidence[0]
     assert grad["notes"][0].startswith("head 'classifier' fitted on frozen features")
     assert (loaded.model.classifier.weight == before).all()
+
+
+def test_probe_cost_is_priced_at_its_own_pace():
+    from lorank.api import probe_cost
+
+    # 10 steps in 100 s of training (10 s/step); 50 s scoring 500 example-rank pairs (0.1 s each)
+    cost = probe_cost(150.0, 100.0, 10, 50.0, 500, steps=10, eval_every=5, n_val=50)
+    assert cost["seconds_per_step"] == 10.0 and cost["cost_steps"] == 15.0
+    # one plain run: 10 steps + 2 eval points x 50 examples x 0.1 s = 110 s
+    assert cost["one_run_steps"] == 11.0
+    assert cost["cost_vs_one_run"] == round(150 / 110, 3)
+

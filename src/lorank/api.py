@@ -226,6 +226,22 @@ def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_siz
     return steps, f"{steps} steps"
 
 
+def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds: float,
+               scored: int, *, steps: int, eval_every: int, n_val: int) -> dict[str, float]:
+    """The probe's cost in units that do not depend on how busy the machine was: training
+    steps at its own measured pace, and as a multiple of one plain run at rank R with the
+    same recipe (its `steps` plus one evaluation of every validation example per eval point,
+    priced at the probe's own seconds per scored example-rank pair)."""
+    pace = train_seconds / max(1, steps_done)
+    per_pair = eval_seconds / max(1, scored)
+    n_evals = steps // eval_every + (steps % eval_every != 0)
+    one_run = steps * pace + n_evals * n_val * per_pair
+    return {"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+            "seconds_per_step": round(pace, 4), "cost_steps": round(wall / pace, 1),
+            "one_run_steps": round(one_run / pace, 1),
+            "cost_vs_one_run": round(wall / one_run, 3)}
+
+
 def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet,
               prof: data_mod.DataProfile, *, method: str = "svd", max_rank: int = 64,
               budget: str | int | None = None, lr: float = 1e-3, batch_size: int = 8,
@@ -267,6 +283,16 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                                       seed=seed)
     evidence = result.to_evidence()
     evidence.cost_seconds = time.perf_counter() - start
+    n_val = len(prepared.val)
+    if method == "nested":
+        run_parts = (result.wall_seconds - result.eval_seconds, result.steps_done,
+                     result.eval_seconds, result.scored)
+    else:
+        run_parts = (trained.wall_seconds - trained.eval_seconds, trained.steps_done,
+                     trained.eval_seconds + result.eval_seconds,
+                     len(trained.curve) * n_val + result.scored)
+    evidence.details["cost"] = probe_cost(evidence.cost_seconds, *run_parts, steps=steps,
+                                          eval_every=config.eval_every, n_val=n_val)
     evidence.details["budget"] = budget_text
     evidence.details["steps"] = steps
     evidence.details["learning_rate"] = lr

@@ -138,8 +138,12 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         ev = json.loads(path.read_text())
         if ev.get("suggested_rank") is None:
             continue
-        cost = ev.get("cost_seconds", 0.0) / sec_step / full
-        rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost))
+        steps = (ev.get("details") or {}).get("cost", {}).get("cost_steps")
+        # a probe prices itself in training steps at its own pace (machine load cancels out)
+        cost = (steps if steps is not None else ev.get("cost_seconds", 0.0) / sec_step) / full
+        rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost)
+                    | ({"cost_vs_one_run": ev["details"]["cost"]["cost_vs_one_run"]}
+                       if steps is not None else {}))
         if ev.get("curve"):
             probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
             agreement[ev["name"]] = spearman(probe_L, right.L)

@@ -160,6 +160,7 @@ class TrainResult:
     trainable_params: int
     steps_done: int
     config: dict[str, Any]
+    eval_seconds: float = 0.0  # part of wall_seconds spent evaluating
     model: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -271,6 +272,7 @@ class _Run:
     final_val_loss: float = math.nan
     last_eval_step: int = -1
     wall_before: float = 0.0  # wall seconds of earlier sessions (resume)
+    eval_seconds: float = 0.0  # of the wall time, spent evaluating (cost accounting)
     evaluator_state: dict[str, Any] | None = None
     message: str = ""
     stop_requested: bool = False
@@ -361,7 +363,9 @@ class _EvalCallback(TrainerCallback):
         run = self.run
         if run.status != "ok":
             return None
+        t0 = time.time()
         point = self.evaluator(model, step)
+        run.eval_seconds += time.time() - t0
         train_loss = float(np.mean(run.window_losses)) if run.window_losses else math.nan
         run.window_losses = []
         run.curve.append([step, train_loss, point.val_loss])
@@ -613,7 +617,9 @@ def train_lora(
         if run.status == "ok" and run.last_eval_step != step:
             eval_cb.evaluate(model, step)  # stopped between eval points (e.g. by a callback)
         if run.status == "ok" and hasattr(evaluator, "finalize"):
+            t_final = time.time()
             evaluator.finalize(model, step)
+            run.eval_seconds += time.time() - t_final
     finally:
         for cb in lorank_callbacks:
             if isinstance(cb, RichProgressCallback):
@@ -629,6 +635,7 @@ def train_lora(
         best_val_losses=[float(x) for x in run.best_val_losses],
         curve=[(int(s), float(tr), float(va)) for s, tr, va in run.curve],
         wall_seconds=run.wall_before + (time.time() - t0),
+        eval_seconds=run.eval_seconds,
         trainable_params=trainable,
         steps_done=step,
         config=config.to_dict(),

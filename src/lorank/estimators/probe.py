@@ -316,6 +316,8 @@ class ProbeResult:
     early_stopped: bool = False
     status: str = "ok"
     wall_seconds: float = 0.0
+    eval_seconds: float = 0.0  # of wall_seconds, spent evaluating
+    scored: int = 0  # (example, rank) pairs evaluated
     n_val: int = 0
     n_monitor: int = 0
     n_train_eval: int = 0
@@ -380,6 +382,9 @@ class ProbeResult:
                 "early_stopped": self.early_stopped,
                 "status": self.status,
                 "n_val": self.n_val,
+                "wall_seconds": self.wall_seconds,
+                "eval_seconds": self.eval_seconds,
+                "scored": self.scored,
                 "n_monitor": self.n_monitor,
                 "n_train_eval": self.n_train_eval,
                 "config": self.config,
@@ -500,9 +505,11 @@ class _ProbeEvaluator:
         self.val_step = -1
         self.train_losses: dict[int, np.ndarray] | None = None
         self.early_stopped = False
+        self.scored = 0  # (example, rank) pairs evaluated: the probe's evaluation work
 
     def _losses(self, model: nn.Module, examples: Sequence[dict]) -> dict[int, np.ndarray]:
         self.nested.attach(model)
+        self.scored += len(examples) * len(self.nested.ranks)
         out = {}
         for r in self.nested.ranks:
             with self.nested.truncated(r):
@@ -548,6 +555,7 @@ class _ProbeEvaluator:
             "val_losses": {str(r): v.tolist() for r, v in self.val_losses.items()},
             "val_step": self.val_step,
             "early_stopped": self.early_stopped,
+            "scored": self.scored,
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -557,6 +565,7 @@ class _ProbeEvaluator:
         self.val_losses = {int(r): np.asarray(v) for r, v in d.get("val_losses", {}).items()}
         self.val_step = int(d.get("val_step", -1))
         self.early_stopped = bool(d.get("early_stopped", False))
+        self.scored = int(d.get("scored", 0))
 
 
 def nested_probe(
@@ -659,6 +668,8 @@ def nested_probe(
         "early_stopped": evaluator.early_stopped,
         "status": result.status,
         "wall_seconds": result.wall_seconds,
+        "eval_seconds": result.eval_seconds,
+        "scored": evaluator.scored,
         "n_val": len(val_examples),
         "n_monitor": len(evaluator.monitor_examples),
         "n_train_eval": len(evaluator.train_subsample),
@@ -770,6 +781,8 @@ def svd_truncation_curve(
         max_rank=max_rank,
         val_losses={r: v.tolist() for r, v in val.items()},
         wall_seconds=time.time() - t0,
+        eval_seconds=time.time() - t0,
+        scored=sum(len(v) for v in val.values()) + sum(len(v) for v in (train or {}).values()),
         n_val=len(val_examples),
         n_train_eval=len(sub),
         config={"lora_alpha": alpha, "use_rslora": use_rslora, "max_rank": max_rank},
