@@ -1,8 +1,11 @@
 """Time and peak memory of the gradient spectrum against one forward+backward pass.
 
 Usage (one process per model, so peak RSS is that model's):
-  .venv/bin/python benchmarks/gradient_cost.py --model smollm2-135m > benchmarks/results/gradient_cost_smollm2.json
-  .venv/bin/python benchmarks/gradient_cost.py --model minilm-l6 > benchmarks/results/gradient_cost_minilm.json
+  .venv/bin/python benchmarks/gradient_cost.py --model smollm2-135m --calib 64 > benchmarks/results/gradient_cost_smollm2_calib64.json
+  .venv/bin/python benchmarks/gradient_cost.py --model minilm-l6 --calib 256 > benchmarks/results/gradient_cost_minilm_calib256.json
+The ratio compares two timings taken in the same process one after the other, so it holds
+under machine load; the absolute seconds do not (the recorded runs shared the 2 cores with a
+sweep, OMP_NUM_THREADS=1).
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64.
 """
