@@ -729,7 +729,7 @@ def svd_truncation_curve(
     batch_size: int = 8,
     n_boot: int = 1000,
     seed: int = 0,
-    n_train_eval: int = 256,
+    n_train_eval: int = 128,
     adapter: str = "default",
 ) -> ProbeResult:
     """Rank curve of an already-trained plain rank-R adapter, with no extra training.
