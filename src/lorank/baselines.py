@@ -335,7 +335,7 @@ def _fields(config: Any) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keep}
 
 
-def task_run(task_dir: Path, *, progress: bool = True) -> TaskRun:
+def task_run(task_dir: Path) -> TaskRun:
     """Rebuild a swept task's model, data and recipe from its directory."""
     from lorank.api import prepare_inputs
     from lorank.sweep import model_factory_from
@@ -363,7 +363,7 @@ def task_run(task_dir: Path, *, progress: bool = True) -> TaskRun:
 def run_task_baselines(task_dir: Path, names: Sequence[str], *, progress: bool = True
                        ) -> list[Path]:
     """Run per-layer baselines on a swept task; store each as baselines/NAME.json."""
-    task = task_run(task_dir, progress=progress)
+    task = task_run(task_dir)
     written = []
     for name in names:
         result = run_layerwise(name, task, progress=progress)

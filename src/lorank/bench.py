@@ -133,7 +133,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     task = _task_info(task_dir)
     rows = [score(f"fixed r={r}", r, right, params, 0.0) for r in FIXED]
     rows.append(score("rule of thumb", rule_of_thumb(task), right, params, 0.0))
-    agreement = {}
+    agreement, rules = {}, {}
     for path in sorted((task_dir / "estimators").glob("*.json")):
         ev = json.loads(path.read_text())
         if ev.get("suggested_rank") is None:
@@ -147,14 +147,10 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         if ev.get("curve"):
             probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
             agreement[ev["name"]] = spearman(probe_L, right.L)
+        if path.name == "gradient.json":  # every variant of the spectrum, at the same cost
+            rules = {name: score(name, pick, right, params, cost)
+                     for name, pick in gradient_rule_picks(ev["details"]).items()}
     rows += score_layerwise(task_dir, sweep, right, params, sec_step, full)
-    rules = {}
-    gradient_path = task_dir / "estimators" / "gradient.json"
-    if gradient_path.exists():
-        ev = json.loads(gradient_path.read_text())
-        cost = ev.get("cost_seconds", 0.0) / sec_step / full
-        rules = {name: score(name, pick, right, params, cost)
-                 for name, pick in gradient_rule_picks(ev["details"]).items()}
     budget = max(1, round(2))  # two full runs: about what lorank's probe costs
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))

@@ -304,14 +304,16 @@ def demo(
     console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
 
 
+INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
         # typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
         if code == 130:
-            err_console.print("interrupted: finished work is kept; run the same command again "
-                              "to continue")
+            err_console.print(INTERRUPTED)
         if isinstance(code, int) and code:
             sys.exit(code)
     except LorankError as err:
@@ -322,8 +324,7 @@ def main() -> None:
                           soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished work is kept; run the same command again to "
-                          "continue")
+        err_console.print(INTERRUPTED)
         sys.exit(130)
     except Exception as err:  # click usage errors (typer vendors click) show themselves
         if hasattr(err, "show") and hasattr(err, "exit_code"):

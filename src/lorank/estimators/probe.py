@@ -775,13 +775,14 @@ def svd_truncation_curve(
                 m.lora_B[adapter].weight.copy_(b)
     summary = _summarize("svd", ranks, val, train, n_boot=n_boot, seed=seed)
     summary.pop("method")
+    seconds = time.time() - t0
     return ProbeResult(
         method="svd",
         ranks=ranks,
         max_rank=max_rank,
         val_losses={r: v.tolist() for r, v in val.items()},
-        wall_seconds=time.time() - t0,
-        eval_seconds=time.time() - t0,
+        wall_seconds=seconds,
+        eval_seconds=seconds,  # all of it: the SVD variant trains nothing
         scored=sum(len(v) for v in val.values()) + sum(len(v) for v in (train or {}).values()),
         n_val=len(val_examples),
         n_train_eval=len(sub),
