@@ -38,7 +38,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorank.estimators.base import Evidence
 from lorank.estimators.gradient import (
+    TOP_OVERSAMPLE,
     GradientSpectrum,
+    _Tap,
     fit_growth,
     gradient_spectrum,
     sketch_svd,
@@ -491,3 +493,28 @@ def test_fit_head_rejects_language_modelling_examples():
     student, examples, _ = planted(0)
     with pytest.raises(ValueError, match="classification examples"):
         fit_head_on_frozen_features(student, examples[:8], pad_token_id=0)
+
+
+def test_wide_exact_layers_hand_over_the_same_top_directions_as_a_full_svd():
+    """An exact layer much wider than max_rank finds the directions it hands to the other half
+    with a randomized range finder (2 power iterations); on a rank-6 plus noise matrix they must
+    span what the full SVD's top vectors span, and the same seed must give the same vectors."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 384, 512, 6
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=gen))
+    g = u @ torch.diag(torch.tensor([50.0, 40, 30, 20, 15, 10])) @ v.T
+    g = g + 0.05 * torch.randn(m, n, generator=gen)  # noise spectrum edge ~ 0.05 (sqrt m + sqrt n)
+    tap = _Tap("w", torch.nn.Linear(n, m), 8, 24, True, 1, 1, 0, torch.device("cpu"))
+    assert 4 * (tap.r + TOP_OVERSAMPLE) <= m  # the randomized path, not the full SVD
+    ur, vr = tap._top_directions(g)
+    ue, _, vhe = torch.linalg.svd(g)
+    assert ur.shape == (m, 8) and vr.shape == (n, 8)
+    assert principal_angles_deg(ur[:, :r].numpy(), ue[:, :r].numpy()).max() < 1.0
+    assert principal_angles_deg(vr[:, :r].numpy(), vhe[:r].T.numpy()).max() < 1.0
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    again, _ = tap._top_directions(g)
+    assert torch.equal(again, ur)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG is left as it was

@@ -165,3 +165,24 @@ def test_grid_can_grow(sweep_inputs, tmp_path):
     done = subprocess.run(small, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert finished_points(out) == Counter({(1, 1e-3, 0): 1, (1, 3e-3, 0): 1})
+
+
+def test_narrower_grid_skips_queued_points_outside_it(sweep_inputs, tmp_path):
+    """Points queued by an earlier, wider grid are retired, not trained, by a worker whose grid
+    lacks them; a later worker whose grid has them queues and trains them again."""
+    model, data = sweep_inputs
+    out = tmp_path / "narrow"
+    cmd = sweep_cmd(model, data, out)
+    cmd[cmd.index("1,2,4")] = "1"
+    wide = [*cmd, "--max-trials", "1"]  # trains (1, 1e-3), leaves (1, 3e-3) queued
+    assert subprocess.run(wide, capture_output=True).returncode == 0
+    narrow = list(cmd)
+    narrow[narrow.index("1e-3,3e-3")] = "1e-3"
+    done = subprocess.run(narrow, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert finished_points(out) == Counter({(1, 1e-3, 0): 1}), describe(out)
+    assert "skipped: outside this worker's grid" in describe(out)
+    other = list(cmd)
+    other[other.index("1e-3,3e-3")] = "3e-3"
+    assert subprocess.run(other, capture_output=True).returncode == 0
+    assert finished_points(out) == Counter({(1, 1e-3, 0): 1, (1, 3e-3, 0): 1}), describe(out)

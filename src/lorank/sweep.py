@@ -307,6 +307,7 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
     enqueue_missing(study, spec)
     start, done_here = time.time(), 0
     total = len(spec.grid())
+    in_grid = {_key(point) for point in spec.grid()}
     with progress_bar(progress) as bar:
         task = bar.add_task("sweep", total=total, completed=_n_finished(study))
         while max_trials is None or done_here < max_trials:
@@ -320,6 +321,11 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
                 break
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
+            if _key(point) not in in_grid:  # queued by an earlier, wider grid: not ours to run
+                # (a later worker whose grid has it enqueues it again: FAIL is not finished)
+                trial.set_user_attr("status", "skipped: outside this worker's grid")
+                study.tell(trial, state=TrialState.FAIL)
+                continue
             if not _claim(study, trial, point):
                 trial.set_user_attr("status", "skipped: another trial has this point")
                 study.tell(trial, state=TrialState.FAIL)

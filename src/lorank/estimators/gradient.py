@@ -52,6 +52,9 @@ from lorank.data import collate
 from lorank.estimators.base import Evidence
 from lorank.report import ticker
 
+# Exact layers at least 4x wider than max_rank + TOP_OVERSAMPLE find the directions they hand to
+# the other half with a randomized range finder (TOP_NITER power iterations), not a full SVD.
+TOP_OVERSAMPLE, TOP_NITER = 16, 2
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable")
 
 
@@ -472,7 +475,7 @@ class _Tap:
     ):
         self.name, self.module = name, module
         self.d_out, self.d_in = module.out_features, module.in_features
-        self.r, self.n_frac, self.exact = max_rank, n_frac, exact
+        self.r, self.n_frac, self.exact, self.seed = max_rank, n_frac, exact, seed
         if not exact:
             self.k = min(max_rank + oversample, self.d_in, self.d_out)
             self.l = min(2 * self.k + 1, self.d_out)
@@ -532,7 +535,40 @@ class _Tap:
             return u[:, :rank], s, vh[:rank].T  # all singular values, top vectors
         return sketch_svd(summary[0][:, : self.k], summary[1], self.psi, rank)
 
-    def _energy(self, summary: Any) -> float:
+    def _spectrum(self, summary: Any, vectors: bool) -> tuple[Any, torch.Tensor, Any, float]:
+        """(top U, all singular values, top V, ||G||_F^2) of a summary; the sketch's factors
+        are computed once for both, and without `vectors` only singular values (svdvals costs
+        about a third of a full SVD)."""
+        if self.exact:
+            total = float((summary.double() ** 2).sum())
+            if not vectors:
+                return None, torch.linalg.svdvals(summary), None, total
+            u, s, v = self._svd(summary, self.r)
+            return u, s, v, total
+        q, x = _sketch_factors(summary[0][:, : self.k], summary[1], self.psi)
+        total = self._energy(summary, x)
+        if not vectors:
+            return None, torch.linalg.svdvals(x).to(summary[0].dtype), None, total
+        u, s, v = _svd_of_factors(q, x, self.r, summary[0].dtype)
+        return u, s, v, total
+
+    def _top_directions(self, summary: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top max_rank singular vectors of one half, the directions read on the other half.
+
+        An exact layer far wider than max_rank uses a randomized range finder with power
+        iterations (Halko et al. 2011) instead of a full SVD: the cross-fitted test is valid
+        for any directions chosen on the other half, and their accuracy only affects its power.
+        """
+        m = min(self.d_out, self.d_in)
+        if self.exact and 4 * (self.r + TOP_OVERSAMPLE) <= m:
+            with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG untouched
+                torch.manual_seed(self.seed)
+                u, _, v = torch.svd_lowrank(summary, q=self.r + TOP_OVERSAMPLE, niter=TOP_NITER)
+            return u[:, : self.r], v[:, : self.r]
+        u, _, v = self._svd(summary, self.r)
+        return u, v
+
+    def _energy(self, summary: Any, x: torch.Tensor | None = None) -> float:
         """||G||_F^2: exact, or from the sketches with the reconstruction G^ = Q X as a control
         variate (as in Hutch++): ||X||^2 + (||G Omega_h||^2 - ||G^ Omega_h||^2) / h, unbiased
         because the held-out Omega_h is independent of G^. Plain ||G Omega||^2 / k would have a
@@ -540,18 +576,15 @@ class _Tap:
         if self.exact:
             return float((summary.double() ** 2).sum())
         y, w = summary
-        _, x = _sketch_factors(y[:, : self.k], w, self.psi)
+        if x is None:
+            _, x = _sketch_factors(y[:, : self.k], w, self.psi)
         held = self.omega[:, self.k :].double()
         residual = float((y[:, self.k :].double() ** 2).sum()) - float(((x @ held) ** 2).sum())
         return max(0.0, float((x**2).sum()) + residual / self.h)
 
     def top_pairs(self, half: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Top max_rank singular pairs of G_half at each fraction."""
-        out = []
-        for j in range(self.n_frac):
-            u, _, v = self._svd(self._summary(half, j + 1), self.r)
-            out.append((u, v))
-        return out
+        return [self._top_directions(self._summary(half, j + 1)) for j in range(self.n_frac)]
 
     def set_directions(
         self, read_half: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -567,8 +600,8 @@ class _Tap:
         lam = gavish_donoho_lambda(m / n)
         for j in range(self.n_frac):
             g = self._summary(None, j + 1)
-            u, s, v = self._svd(g, self.r)
-            total = self._energy(g)
+            last = j == self.n_frac - 1  # only the final spectrum keeps its vectors
+            u, s, v, total = self._spectrum(g, vectors=last)
             noise_energy = self._energy(self._summary(None, j + 1, sign=-1.0))
             sigma = math.sqrt(noise_energy / (m * n))
             entry = {
@@ -577,7 +610,7 @@ class _Tap:
                 "sigma": sigma,
                 "gd_threshold": lam * math.sqrt(n) * sigma,
             }
-            if j == self.n_frac - 1:
+            if last:
                 entry["u"], entry["v"] = u.cpu().numpy(), v.cpu().numpy()
             self.full.append(entry)
         self.acc.clear()
@@ -637,9 +670,15 @@ def sketch_svd(
     `rank` left vectors (d_out x rank), all k singular values, the top right vectors (d_in x rank).
     """
     q, x = _sketch_factors(y, w, psi)
+    return _svd_of_factors(q, x, rank, y.dtype)
+
+
+def _svd_of_factors(
+    q: torch.Tensor, x: torch.Tensor, rank: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of G ~ Q X through the small X: top `rank` vectors, all k singular values."""
     ux, s, vh = torch.linalg.svd(x, full_matrices=False)
-    u = (q @ ux[:, :rank]).to(y.dtype)
-    return u, s.to(y.dtype), vh[:rank].T.to(y.dtype)
+    return (q @ ux[:, :rank]).to(dtype), s.to(dtype), vh[:rank].T.to(dtype)
 
 
 def _sketch_factors(
