@@ -175,3 +175,18 @@ def test_gradient_rules_are_rescored_and_chosen_on_other_tasks(tmp_path):
                for h in held)
     text = bench.markdown_tables(scored, tmp_path)
     assert "Leave one task out" in text and "energy90, q0.9, extrapolated" in text
+
+
+def test_tpe_gets_the_compute_of_the_dearest_probe(tmp_path):
+    task = fake_sweep(tmp_path, knee=4)
+    (task / "estimators").mkdir()
+    rows = {r["method"]: r for r in bench.score_task(task)["rows"]}
+    assert "Optuna TPE (2 runs)" in rows  # no probe on disk: two runs
+    for name, runs in (("svd-probe", 1.2), ("nested-probe", 2.6)):
+        (task / "estimators" / f"{name}.json").write_text(json.dumps(
+            {"name": name, "suggested_rank": 4, "cost_seconds": 1.0,
+             "details": {"cost": {"cost_steps": runs * STEPS, "cost_vs_one_run": runs}}}))
+    rows = {r["method"]: r for r in bench.score_task(task)["rows"]}
+    tpe = rows["Optuna TPE (3 runs)"]
+    assert tpe["cost"] == pytest.approx(3 * STEPS / bench.full_sweep_steps(bench.load_sweep(task)))
+    assert bench.tpe_budget([1.0]) == 1 and bench.tpe_budget([0.2]) == 1

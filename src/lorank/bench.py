@@ -98,6 +98,12 @@ def replay_tpe(sweep: dict[str, Any], budget_runs: int, seed: int = 0) -> tuple[
     return int(best["rank"]), budget_runs * int(spec["recipe"]["steps"])
 
 
+def tpe_budget(probe_runs: list[float]) -> int:
+    """Full runs TPE gets: what lorank's dearest probe spent on this task, in runs of the
+    recipe, rounded up (a search cannot train part of a run); 2 when no probe was run."""
+    return max(1, math.ceil(max(probe_runs) - 1e-9)) if probe_runs else 2
+
+
 def replay_successive_halving(sweep: dict[str, Any], eta: int = 2) -> tuple[int, int]:
     """Successive halving over (rank, lr) on the recorded learning curves (seed 0).
 
@@ -133,7 +139,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     task = _task_info(task_dir)
     rows = [score(f"fixed r={r}", r, right, params, 0.0) for r in FIXED]
     rows.append(score("rule of thumb", rule_of_thumb(task), right, params, 0.0))
-    agreement, rules = {}, {}
+    agreement, rules, probe_runs = {}, {}, []
     for path in sorted((task_dir / "estimators").glob("*.json")):
         ev = json.loads(path.read_text())
         if ev.get("suggested_rank") is None:
@@ -144,6 +150,8 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost)
                     | ({"cost_vs_one_run": ev["details"]["cost"]["cost_vs_one_run"]}
                        if steps is not None else {}))
+        if steps is not None:
+            probe_runs.append(float(ev["details"]["cost"]["cost_vs_one_run"]))
         if ev.get("curve"):
             probe_L = {int(r): c["loss"] for r, c in ev["curve"].items()}
             agreement[ev["name"]] = spearman(probe_L, right.L)
@@ -151,7 +159,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
             rules = {name: score(name, pick, right, params, cost)
                      for name, pick in gradient_rule_picks(ev["details"]).items()}
     rows += score_layerwise(task_dir, sweep, right, params, sec_step, full)
-    budget = max(1, round(2))  # two full runs: about what lorank's probe costs
+    budget = tpe_budget(probe_runs)
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
     pick, spent = replay_successive_halving(sweep)
