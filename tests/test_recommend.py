@@ -144,9 +144,9 @@ def test_probe_cost_is_priced_at_its_own_pace():
     from lorank.api import probe_cost
 
     # 10 steps in 100 s of training (10 s/step); 50 s scoring 500 example-rank pairs (0.1 s each)
-    cost = probe_cost(150.0, 100.0, 10, 50.0, 500, steps=10, eval_every=5, n_val=50)
+    cost = probe_cost(150.0, 100.0, 10, 50.0, 500, steps=10, n_val=50)
     assert cost["seconds_per_step"] == 10.0 and cost["cost_steps"] == 15.0
-    # one plain run: 10 steps + 2 eval points x 50 examples x 0.1 s = 110 s
-    assert cost["one_run_steps"] == 11.0
-    assert cost["cost_vs_one_run"] == round(150 / 110, 3)
+    # one plain run: 10 steps + one final evaluation of 50 examples x 0.1 s = 105 s
+    assert cost["one_run_steps"] == 10.5
+    assert cost["cost_vs_one_run"] == round(150 / 105, 3)
 

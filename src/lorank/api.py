@@ -227,15 +227,14 @@ def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_siz
 
 
 def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds: float,
-               scored: int, *, steps: int, eval_every: int, n_val: int) -> dict[str, float]:
+               scored: int, *, steps: int, n_val: int) -> dict[str, float]:
     """The probe's cost in units that do not depend on how busy the machine was: training
     steps at its own measured pace, and as a multiple of one plain run at rank R with the
-    same recipe (its `steps` plus one evaluation of every validation example per eval point,
+    same recipe (its `steps` plus one evaluation of every validation example at the end,
     priced at the probe's own seconds per scored example-rank pair)."""
     pace = train_seconds / max(1, steps_done)
     per_pair = eval_seconds / max(1, scored)
-    n_evals = steps // eval_every + (steps % eval_every != 0)
-    one_run = steps * pace + n_evals * n_val * per_pair
+    one_run = steps * pace + n_val * per_pair
     return {"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
             "seconds_per_step": round(pace, 4), "cost_steps": round(wall / pace, 1),
             "one_run_steps": round(one_run / pace, 1),
@@ -261,7 +260,10 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     config = TrainConfig(rank=max_rank, target_modules=targets.peft_target_modules,
                          modules_to_save=targets.modules_to_save or None, learning_rate=lr,
                          steps=steps, batch_size=batch_size, seed=seed,
-                         eval_every=max(1, steps // 4), warmup_ratio=0.1)
+                         # the SVD variant reads its curve once, at the end; the nested one
+                         # watches it (early stopping) four times
+                         eval_every=steps if method == "svd" else max(1, steps // 4),
+                         warmup_ratio=0.1)
     start = time.perf_counter()
 
     def factory():
@@ -292,7 +294,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                      trained.eval_seconds + result.eval_seconds,
                      len(trained.curve) * n_val + result.scored)
     evidence.details["cost"] = probe_cost(evidence.cost_seconds, *run_parts, steps=steps,
-                                          eval_every=config.eval_every, n_val=n_val)
+                                          n_val=n_val)
     evidence.details["budget"] = budget_text
     evidence.details["steps"] = steps
     evidence.details["learning_rate"] = lr

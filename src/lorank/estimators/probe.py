@@ -585,8 +585,8 @@ def nested_probe(
     early_stop: bool = True,
     patience: int = 3,
     min_fraction: float = 0.3,
-    n_train_eval: int = 128,
-    n_monitor: int = 128,
+    n_train_eval: int = 32,
+    n_monitor: int = 64,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     rescale: bool = True,
@@ -729,7 +729,7 @@ def svd_truncation_curve(
     batch_size: int = 8,
     n_boot: int = 1000,
     seed: int = 0,
-    n_train_eval: int = 128,
+    n_train_eval: int = 32,
     adapter: str = "default",
 ) -> ProbeResult:
     """Rank curve of an already-trained plain rank-R adapter, with no extra training.
