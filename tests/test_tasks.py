@@ -34,7 +34,7 @@ def build(name: str, out: Path, seed: int = 0, limit: int | None = None) -> dict
 
 
 def test_unknown_task_names_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; known: format-json, facts-300"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; known: format-json, facts-100, facts-300"):
         build_task("nope", tmp_path)
 
 
@@ -55,7 +55,7 @@ def test_recipes_are_complete() -> None:
         assert 16 <= spec.mean_tokens <= 96
         json.dumps(spec.to_dict())
     # the estimate scales with the work: the nested memorization sizes cost in proportion
-    hours = [TASKS[f"facts-{n}"].sweep_hours() for n in (300, 1500, 6000)]
+    hours = [TASKS[f"facts-{n}"].sweep_hours() for n in (100, 300, 1000)]
     assert hours[0] < hours[1] < hours[2]
 
 
@@ -92,10 +92,10 @@ def test_build_is_deterministic_and_well_formed(name: str, tmp_path: Path) -> No
 
 def test_facts_are_nested_and_validated_on_trained_facts(tmp_path: Path) -> None:
     pairs = {}
-    for n in (300, 1500, 6000):
+    for n in (100, 300, 1000):
         paths = build(f"facts-{n}", tmp_path / str(n))
         train, val = read_jsonl(paths["train"]), read_jsonl(paths["val"])
-        assert len(train) == n and len(val) == 300
+        assert len(train) == n and len(val) == min(n, 300)
         facts = [(r["prompt"].removeprefix("Acronym: "), r["completion"]) for r in train]
         assert all(r["prompt"].startswith("Acronym: ") for r in train)
         assert len({a for a, _ in facts}) == n  # one expansion per acronym
@@ -104,8 +104,8 @@ def test_facts_are_nested_and_validated_on_trained_facts(tmp_path: Path) -> None
             assert r["prompt"].startswith("What does ")  # the other template
             assert r["completion"] in trained and r["prompt"] != trained[r["completion"]]
         pairs[n] = facts
-    assert pairs[1500][:300] == pairs[300]
-    assert pairs[6000][:1500] == pairs[1500]
+    assert pairs[300][:100] == pairs[100]
+    assert pairs[1000][:300] == pairs[300]
 
 
 def test_code_split_is_disjoint_by_function(tmp_path: Path) -> None:
