@@ -14,8 +14,10 @@ from lorank.estimators.base import Evidence
 from lorank.estimators.probe import (
     NestedLoRA,
     _rotate_to_svd_basis,
+    _summarize,
     default_ranks,
     nested_probe,
+    race_ranks,
     smallest_within_tolerance,
     svd_truncation_curve,
 )
@@ -328,9 +330,46 @@ def test_monitoring_subsample_steers_early_stop_and_the_final_curve_uses_all(tmp
     sub = nested_probe(base_factory, train, val, n_monitor=8, **kw)
     full = nested_probe(base_factory, train, val, n_monitor=1000, **kw)
     assert sub.n_monitor == 8 and full.n_monitor == 32
-    assert all(len(v) == 32 for v in sub.val_losses.values())
+    # the final curve races on: ranks still in contention are scored on every example
+    assert len(sub.val_losses[4]) == 32 and len(sub.val_losses[sub.decision]) == 32
     # same training (the monitor does not touch it), so the same final curve
     for r in full.curve:
-        assert sub.curve[r]["loss"] == pytest.approx(full.curve[r]["loss"], rel=1e-5)
+        if sub.curve[r]["n"] == 32:
+            assert sub.curve[r]["loss"] == pytest.approx(full.curve[r]["loss"], rel=1e-5)
+    assert sub.decision == full.decision
     # but the intermediate losses were read on 8 examples, not 32
     assert sub.history[0]["loss"][4] != pytest.approx(full.history[0]["loss"][4], rel=1e-6)
+
+
+def test_racing_stops_clearly_worse_ranks_early_and_keeps_the_decision():
+    """Rank 1 is far worse (stops after the first prefix), rank 2 is within tolerance of the
+    best and must be scored on every example, rank 8 (r_max) always is; the decision is the
+    one scoring everything would give, for fewer scored (example, rank) pairs."""
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 1.0, size=400)
+    level = {1: 1.5, 2: 1.002, 4: 1.0, 8: 1.0}
+    losses = {r: base * level[r] + rng.normal(0, 0.01, 400) for r in level}
+    examples = [{"i": i} for i in range(400)]
+    calls = []
+
+    def losses_of(r, chunk):
+        calls.append((r, len(chunk)))
+        return losses[r][[e["i"] for e in chunk]]
+
+    raced = race_ranks(losses_of, [1, 2, 4, 8], examples)
+    assert len(raced[1]) == 100  # dropped after the first quarter
+    assert all(len(raced[r]) == 400 for r in (2, 4, 8))
+    assert sum(n for _, n in calls) == 100 + 3 * 400
+    decision, _, _ = smallest_within_tolerance({r: raced[r] for r in (2, 4, 8)})
+    assert decision == smallest_within_tolerance(losses)[0] == 2
+    summary = _summarize("svd", [1, 2, 4, 8], raced, None, n_boot=50, seed=0)
+    assert summary["decision"] == 2 and summary["curve"][1]["n"] == 100
+    assert summary["decision_details"]["per_rank"][1]["raced_out_after"] == 100
+    assert summary["rank_distribution"][1] == 0.0
+    # losses already known for a prefix (the nested probe's last monitoring pass) are reused
+    calls.clear()
+    known = {r: losses[r][:64] for r in level}
+    again = race_ranks(losses_of, [1, 2, 4, 8], examples, known=known)
+    assert len(again[1]) == 64 and not [n for r, n in calls if r == 1]
+    assert sum(n for r, n in calls if r == 4) == 400 - 64
+    assert np.array_equal(again[4], losses[4])

@@ -46,6 +46,11 @@ from lorank.train import (
 
 # ---------------------------------------------------------------------------- decision rule
 
+# Racing the final curve: prefixes of the validation set at which clearly worse ranks stop,
+# and how many extra standard errors "clearly" asks for beyond the decision rule's tolerance.
+RACE_FRACTIONS = (0.25, 0.5)
+RACE_MARGIN_SE = 2.0
+
 
 def smallest_within_tolerance(
     per_example_losses: dict[int, np.ndarray],
@@ -113,6 +118,53 @@ def _bootstrap(
     means_all_arr = np.concatenate(means_all)
     lo, hi = np.percentile(means_all_arr, [2.5, 97.5], axis=0)
     return lo, hi, np.concatenate(picks)
+
+
+def race_ranks(
+    losses_of: Callable[[int, Sequence[dict]], np.ndarray],
+    ranks: Sequence[int],
+    examples: Sequence[dict],
+    *,
+    known: dict[int, np.ndarray] | None = None,
+    fractions: Sequence[float] = RACE_FRACTIONS,
+    rel_tol: float = 0.01,
+    n_se: float = 2.0,
+    margin_se: float = RACE_MARGIN_SE,
+) -> dict[int, np.ndarray]:
+    """Score every rank on growing prefixes of `examples`, dropping ranks that are already
+    clearly outside tolerance, so a curve of k ranks costs less than k full evaluations.
+
+    After each prefix, a rank stops when its paired gap to the current best minus
+    `margin_se` standard errors still exceeds the decision rule's tolerance: such a rank can
+    be neither the decision nor the best. Survivors are scored on every example (the decision
+    is theirs, paired as before); a dropped rank keeps the losses of the prefix it reached.
+    The largest rank is always scored in full: the notes on the curve's shape (still falling,
+    overfitting) compare against it.
+    `known` holds losses already measured on the first examples (the nested probe's last
+    monitoring pass), in the order of `examples`.
+    """
+    n = len(examples)
+    start = min(len(v) for v in known.values()) if known else 0
+    got = {r: np.asarray(known[r][:start], np.float64) if known else np.empty(0) for r in ranks}
+    cuts = sorted({c for c in (int(round(f * n)) for f in fractions) if start < c < n} | {n})
+    alive = list(ranks)
+    for cut in cuts:
+        if start > 0:
+            means = {r: float(np.nanmean(got[r])) for r in alive}
+            best = min(alive, key=means.__getitem__)
+            for r in list(alive):
+                d = got[r] - got[best]
+                d = d[np.isfinite(d)]
+                if r in (best, ranks[-1]) or len(d) < 2:  # r_max anchors the curve's shape
+                    continue
+                se = float(d.std(ddof=1) / math.sqrt(len(d)))
+                if d.mean() - margin_se * se > max(rel_tol * means[best], n_se * se):
+                    alive.remove(r)
+        chunk = examples[start:cut]
+        for r in alive:
+            got[r] = np.concatenate([got[r], np.asarray(losses_of(r, chunk), np.float64)])
+        start = cut
+    return got
 
 
 # ---------------------------------------------------------------------------- nested LoRA
@@ -402,24 +454,32 @@ def _summarize(
     n_boot: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Curve (mean, SE, bootstrap interval, train loss), decision, bootstrap rank spread, notes."""
-    decision, tol, details = smallest_within_tolerance(val)
-    L = np.vstack([val[r] for r in ranks])
+    """Curve (mean, SE, bootstrap interval, train loss), decision, bootstrap rank spread, notes.
+
+    Ranks raced out early (`race_ranks`: fewer losses than the others) keep their prefix's
+    mean and SE with a normal interval; the decision and the bootstrap are the survivors'.
+    """
+    n_full = max(len(val[r]) for r in ranks)
+    full = [r for r in ranks if len(val[r]) == n_full]
+    decision, tol, details = smallest_within_tolerance({r: val[r] for r in full})
+    L = np.vstack([val[r] for r in full])
     L = L[:, np.all(np.isfinite(L), axis=0)]
-    n = L.shape[1]
-    lo, hi, picks = _bootstrap(L, ranks, n_boot=n_boot, seed=seed)
+    lo, hi, picks = _bootstrap(L, full, n_boot=n_boot, seed=seed)
     curve: dict[int, dict[str, float]] = {}
-    for i, r in enumerate(ranks):
+    for r in ranks:
         tr = float(np.nanmean(train[r])) if train is not None else math.nan
-        curve[r] = {
-            "loss": float(L[i].mean()),
-            "se": float(L[i].std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "lo": float(lo[i]),
-            "hi": float(hi[i]),
-            "train_loss": tr,
-            "gap": float(L[i].mean()) - tr,
-        }
-    dist = {r: float(np.mean(picks == r)) for r in ranks}
+        v = L[full.index(r)] if r in full else np.asarray(val[r])[np.isfinite(val[r])]
+        n = len(v)
+        mean, se = float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        bounds = ((lo[full.index(r)], hi[full.index(r)]) if r in full
+                  else (mean - 1.96 * se, mean + 1.96 * se))
+        curve[r] = {"loss": mean, "se": se, "lo": float(bounds[0]), "hi": float(bounds[1]),
+                    "n": n, "train_loss": tr, "gap": mean - tr}
+        if r not in full:  # outside tolerance with margin on its prefix: not a candidate
+            details["per_rank"][r] = {"loss": mean, "diff": mean - details["min_loss"],
+                                      "within": False, "raced_out_after": n}
+    details["per_rank"] = dict(sorted(details["per_rank"].items()))
+    dist = {r: float(np.mean(picks == r)) if r in full else 0.0 for r in ranks}
     interval = (
         int(np.percentile(picks, 5, method="lower")),
         int(np.percentile(picks, 95, method="higher")),
@@ -507,14 +567,14 @@ class _ProbeEvaluator:
         self.early_stopped = False
         self.scored = 0  # (example, rank) pairs evaluated: the probe's evaluation work
 
+    def _losses_at(self, model: nn.Module, rank: int, examples: Sequence[dict]) -> np.ndarray:
+        self.scored += len(examples)
+        with self.nested.truncated(rank):
+            return per_example_losses(model, examples, self.pad_token_id, self.batch_size)
+
     def _losses(self, model: nn.Module, examples: Sequence[dict]) -> dict[int, np.ndarray]:
         self.nested.attach(model)
-        self.scored += len(examples) * len(self.nested.ranks)
-        out = {}
-        for r in self.nested.ranks:
-            with self.nested.truncated(r):
-                out[r] = per_example_losses(model, examples, self.pad_token_id, self.batch_size)
-        return out
+        return {r: self._losses_at(model, r, examples) for r in self.nested.ranks}
 
     def __call__(self, model: nn.Module, step: int) -> EvalPoint:
         self.val_losses = self._losses(model, self.monitor_examples)
@@ -545,7 +605,14 @@ class _ProbeEvaluator:
         if self.val_step != step or not self.val_losses:
             self.__call__(model, step)
         if len(self.monitor_examples) < len(self.val_examples):
-            self.val_losses = self._losses(model, self.val_examples)
+            # the last monitoring pass is the race's first prefix: the rest is scored only
+            # for ranks still in contention
+            seen = {id(e) for e in self.monitor_examples}
+            ordered = [*self.monitor_examples,
+                       *(e for e in self.val_examples if id(e) not in seen)]
+            self.nested.attach(model)
+            self.val_losses = race_ranks(lambda r, ex: self._losses_at(model, r, ex),
+                                         self.nested.ranks, ordered, known=self.val_losses)
         if self.train_subsample:
             self.train_losses = self._losses(model, self.train_subsample)
 
@@ -757,16 +824,14 @@ def svd_truncation_curve(
         for _, m in layers:
             _rotate_to_svd_basis(m.lora_A[adapter].weight, m.lora_B[adapter].weight)
         nested.attach(peft_model)
-        val, train = {}, None
-        for r in ranks:
+
+        def losses_of(r: int, examples: Sequence[dict]) -> np.ndarray:
             with nested.truncated(r):
-                val[r] = per_example_losses(peft_model, val_examples, pad_token_id, batch_size)
+                return per_example_losses(peft_model, examples, pad_token_id, batch_size)
+
+        val = race_ranks(losses_of, ranks, val_examples)
         sub = _subsample(train_examples or [], n_train_eval, seed)
-        if sub:
-            train = {}
-            for r in ranks:
-                with nested.truncated(r):
-                    train[r] = per_example_losses(peft_model, sub, pad_token_id, batch_size)
+        train = {r: losses_of(r, sub) for r in ranks} if sub else None
     finally:
         nested.detach()
         with torch.no_grad():
