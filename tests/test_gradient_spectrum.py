@@ -43,6 +43,7 @@ from lorank.estimators.gradient import (
     _Tap,
     fit_growth,
     gradient_spectrum,
+    replicated_energy_rank,
     sketch_svd,
 )
 
@@ -518,3 +519,17 @@ def test_wide_exact_layers_hand_over_the_same_top_directions_as_a_full_svd():
     assert torch.equal(again, ur)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), before)  # the caller's RNG is left as it was
+
+
+def test_replicated_energy_rank_counts_the_directions_that_carry_the_signal():
+    s_ab, s_ba = [10.0, 5.0, 1.0, 0.1, -3.0], [9.0, 6.0, 2.0, -1.0, 4.0]
+    # energies 90, 30, 2, 0 (a negative half is noise) over the 4 replicated directions
+    assert replicated_energy_rank(s_ab, s_ba, 4, 0.9) == 2
+    assert replicated_energy_rank(s_ab, s_ba, 4, 0.99) == 3
+    assert replicated_energy_rank(s_ab, s_ba, 1, 0.99) == 1
+    assert replicated_energy_rank(s_ab, s_ba, 0, 0.9) == 0
+    gs = measured(4)  # a planted rank-4 update of lm_head: the rule never exceeds the count
+    for layer in gs.layers:
+        assert layer.ranks["replicated_energy95"][-1] <= layer.ranks["replication"][-1]
+    head = next(layer for layer in gs.layers if layer.name == "lm_head")
+    assert 1 <= head.ranks["replicated_energy95"][-1] <= 4

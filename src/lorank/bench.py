@@ -204,6 +204,8 @@ def gradient_rule_picks(details: dict[str, Any]) -> dict[str, int]:
     layers, n_train, max_rank = details["layers"], details["n_train"], details["max_rank"]
     picks = {}
     for rule in RULES:
+        if any(rule not in lay["ranks"] for lay in layers):  # stored before the rule existed
+            continue
         at_calib = [float(lay["ranks"][rule][-1]) for lay in layers]
         extrapolated = [fit_growth(lay["n_examples"], lay["ranks"][rule], n_train,
                                    max_rank)["rank"] for lay in layers]

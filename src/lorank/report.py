@@ -175,7 +175,8 @@ def write_gradient_report(spectrum, out: Path) -> None:
     """Per-layer table (markdown) and one plot per layer group (spectra, cross-fitted t)."""
     rows = spectrum.layer_table()
     cols = ["layer", "shape", "method", "replication_by_fraction", "replication",
-            "gavish_donoho", "energy90", "energy95", "stable", "extrapolated", "interval",
+            "gavish_donoho", "energy90", "energy95", "replicated_energy90", "stable",
+            "extrapolated", "interval",
             "exponent", "top_t"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

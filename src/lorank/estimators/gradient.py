@@ -33,7 +33,13 @@ set size with a power law.
 
 Alongside the replication count, per layer: the Gavish-Donoho hard threshold (noise level from
 the halves' difference G_A - G_B, pure noise in expectation), energy ranks at 90% / 95% and the
-stable rank ||G||_F^2 / ||G||_2^2. Which rule tracks the sweep's r* is the benchmark's question.
+stable rank ||G||_F^2 / ||G||_2^2, and the replicated-energy ranks at 90% / 95%: among the
+replicated directions, the fewest that hold that share of the cross-fitted signal energy
+max(s_AB,i, 0) * max(s_BA,i, 0) (the product of the two halves' independent estimates, whose
+noise has mean zero). The replication count answers "how many directions are real"; with
+enough data nearly every direction is, however weak, so it grows with n toward max_rank. The
+replicated energy answers "how many carry the signal". Which rule tracks the sweep's r* is the
+benchmark's question.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from lorank.report import ticker
 # Exact layers at least 4x wider than max_rank + TOP_OVERSAMPLE find the directions they hand to
 # the other half with a randomized range finder (TOP_NITER power iterations), not a full SVD.
 TOP_OVERSAMPLE, TOP_NITER = 16, 2
-RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable")
+RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable",
+         "replicated_energy90", "replicated_energy95")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +168,7 @@ class GradientSpectrum:
                     "gavish_donoho": int(layer.ranks["gavish_donoho"][-1]),
                     "energy90": int(layer.ranks["energy90"][-1]),
                     "energy95": int(layer.ranks["energy95"][-1]),
+                    "replicated_energy90": int(layer.ranks["replicated_energy90"][-1]),
                     "stable": round(layer.ranks["stable"][-1], 2),
                     "extrapolated": round(fit["rank"], 2),
                     "interval": [round(fit["interval"][0], 2), round(fit["interval"][1], 2)],
@@ -635,6 +643,9 @@ class _Tap:
             for p, key in ((0.9, "energy90"), (0.95, "energy95")):
                 ranks[key].append(float(energy_rank(s, total, p, self.r)))
             ranks["stable"].append(float(total / max(float(s[0]) ** 2, 1e-300)))
+            for p, key in ((0.9, "replicated_energy90"), (0.95, "replicated_energy95")):
+                ranks[key].append(float(replicated_energy_rank(
+                    ab["s"], ba["s"], int(ranks["replication"][-1]), p)))
         last = self.full[-1]
         return LayerSpectrum(
             name=self.name,
@@ -731,6 +742,17 @@ def energy_rank(s: np.ndarray, total: float, p: float, cap: int) -> int:
     cum = np.cumsum(np.asarray(s, dtype=np.float64) ** 2) / max(total, 1e-300)
     hit = np.nonzero(cum >= p - 1e-12)[0]
     return int(min(cap, hit[0] + 1 if len(hit) else cap))
+
+
+def replicated_energy_rank(s_ab: list[float], s_ba: list[float], replicated: int,
+                           p: float) -> int:
+    """Fewest of the first `replicated` directions holding a fraction p of their cross-fitted
+    signal energy max(s_ab, 0) * max(s_ba, 0); 0 when nothing replicated."""
+    k = int(replicated)
+    e = np.clip(np.asarray(s_ab[:k], float), 0, None) * np.clip(np.asarray(s_ba[:k], float), 0, None)
+    if k == 0 or e.sum() <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(e) / e.sum(), p - 1e-12) + 1)
 
 
 def fit_growth(
