@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 from lorank.data import collate
 from lorank.errors import LorankError
 from lorank.estimators.gradient import fit_head_on_frozen_features, summed_loss
+from lorank.hooks import OutputGradientTaps
 from lorank.report import atomic_write_text, ticker
 from lorank.targets import TargetSet, resolve_targets
 from lorank.train import TrainConfig, train_lora
@@ -88,53 +89,23 @@ def fisher_masses(model: nn.Module, examples: Sequence[dict], layers: Sequence[s
     if missing:
         raise ValueError(f"no module named {missing[0]}")
     mass = dict.fromkeys(layers, 0.0)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    ctx: dict[str, Any] = {}
 
-    def tap(name: str):
-        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if not ctx:
-                return output
-            x = inputs[0].detach().float()
-            if not output.requires_grad:
-                output = output.detach().requires_grad_().clone()
+    def on_grad(name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
+        gram = (x3 @ x3.transpose(1, 2)) * (d3 @ d3.transpose(1, 2))
+        mass[name] += float(gram.sum())
 
-            def grad_hook(d: torch.Tensor) -> None:
-                b = ctx["batch"]
-                x3, d3 = x.reshape(b, -1, x.shape[-1]), d.detach().float().reshape(b, -1, d.shape[-1])
-                gram = (x3 @ x3.transpose(1, 2)) * (d3 @ d3.transpose(1, 2))
-                mass[name] += float(gram.sum())
-
-            output.register_hook(grad_hook)
-            return output
-
-        return forward_hook
-
-    handles = [modules[n].register_forward_hook(tap(n)) for n in layers]
     device = next(model.parameters()).device
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        with ticker("fisher", len(examples), progress) as bar:
-            # one example per row of the batch: the Gram identity needs per-example sums, which
-            # the reshape above gives when each row is one example (padding rows carry d = 0)
-            for start in range(0, len(examples), batch_size):
-                chunk = list(examples[start : start + batch_size])
-                batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-                ctx["batch"] = len(chunk)
-                with torch.enable_grad():
-                    summed_loss(model, batch).backward()
-                ctx.clear()
-                for _ in chunk:
-                    bar()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with (OutputGradientTaps(model, {n: modules[n] for n in layers}, on_grad) as taps,
+          ticker("fisher", len(examples), progress) as bar):
+        # one example per row of the batch: the Gram identity needs per-example sums, which the
+        # hooks' (batch, tokens, dim) views give when each row is one example (padding: d = 0)
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            with taps.reading(len(chunk)):
+                summed_loss(model, batch).backward()
+            for _ in chunk:
+                bar()
     return {n: m / max(1, len(examples)) for n, m in mass.items()}
 
 

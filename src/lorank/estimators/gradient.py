@@ -56,6 +56,7 @@ from torch import nn
 
 from lorank.data import collate
 from lorank.estimators.base import Evidence
+from lorank.hooks import OutputGradientTaps
 from lorank.report import ticker
 
 # Exact layers at least 4x wider than max_rank + TOP_OVERSAMPLE find the directions they hand to
@@ -805,59 +806,28 @@ def fit_growth(
 
 
 class _Streaming:
-    """Hooks on the target layers; runs passes over the plan. Restores the model on exit.
-
-    All parameters are frozen: the output gradients d_t come from making each target's output
-    require grad, so no full-weight .grad is ever stored.
-    """
+    """Runs passes over the plan with output-gradient hooks on the target layers
+    (`lorank.hooks`: all parameters frozen, no full-weight .grad ever stored)."""
 
     def __init__(self, model: nn.Module, taps: list[_Tap]):
-        self.model, self.taps = model, taps
+        self.model = model
+        self.by_name = {tap.name: tap for tap in taps}
+        self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
         self.ctx: dict[str, Any] = {}
 
     def __enter__(self) -> _Streaming:
-        self.was_training = self.model.training
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.eval()
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-        self.handles = [tap.module.register_forward_hook(self._hook(tap)) for tap in self.taps]
+        self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        self.model.train(self.was_training)
+        self.hooks.__exit__(*exc)
 
-    def _hook(self, tap: _Tap):
-        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not self.ctx:
-                return output
-            x = inputs[0].detach()
-            if not output.requires_grad:  # nothing upstream needs gradients: start the graph here
-                output = output.detach().requires_grad_().clone()  # clone: in-place ops stay legal
-            ctx = self.ctx
-
-            def grad_hook(d: torch.Tensor) -> None:
-                b = ctx["batch"]
-                x3 = x.reshape(b, -1, tap.d_in).float()
-                d3 = d.detach().reshape(b, -1, tap.d_out).float()
-                if ctx["accumulate"]:
-                    tap.add(
-                        ctx["half"],
-                        ctx["chunk"],
-                        x3.reshape(-1, tap.d_in),
-                        d3.reshape(-1, tap.d_out),
-                    )
-                if ctx["project"]:
-                    tap.project(ctx["half"], ctx["groups"], x3, d3)
-
-            output.register_hook(grad_hook)
-            return output
-
-        return forward_hook
+    def _on_grad(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
+        tap, ctx = self.by_name[name], self.ctx
+        if ctx["accumulate"]:
+            tap.add(ctx["half"], ctx["chunk"], x3.reshape(-1, tap.d_in), d3.reshape(-1, tap.d_out))
+        if ctx["project"]:
+            tap.project(ctx["half"], ctx["groups"], x3, d3)
 
     def run(
         self,
@@ -878,10 +848,9 @@ class _Streaming:
                 "chunk": chunk,
                 "accumulate": accumulate,
                 "project": project,
-                "batch": len(idx),
                 "groups": torch.as_tensor(groups, device=device),
             }
-            with torch.enable_grad():
+            with self.hooks.reading(len(idx)):
                 loss = summed_loss(self.model, batch)
                 if not loss.requires_grad:
                     raise ValueError("the loss does not depend on any target layer")
