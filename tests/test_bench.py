@@ -62,7 +62,8 @@ def test_score_task_rows(tmp_path):
     assert cap["r_rec"] == 2 and not cap["acceptable"] and cap["regret"] > 0.01
     # 4 s at 2 s/step = 2 steps of a 5 ranks x 2 lrs x 20 steps sweep
     assert cap["cost"] == pytest.approx(2 / 200)
-    assert rows["successive halving"]["cost"] > 0
+    assert rows["successive halving (all 10 configs)"]["cost"] > 0
+    assert rows["successive halving (2 runs, 4 configs)"]["cost"] == pytest.approx(40 / 200)
 
 
 def test_per_layer_baseline_rows(tmp_path):
@@ -105,10 +106,15 @@ def test_probe_curve_agreement(tmp_path):
 
 def test_successive_halving_spends_less_than_the_sweep(tmp_path):
     sweep = bench.load_sweep(fake_sweep(tmp_path))
-    pick, spent = bench.replay_successive_halving(sweep)
-    assert pick in RANKS and spent < len(RANKS) * len(LRS) * STEPS
+    pick, spent, n = bench.replay_successive_halving(sweep)
+    assert pick in RANKS and spent < len(RANKS) * len(LRS) * STEPS and n == 10
     # rungs at steps 5, 10, 15, 20 over 10, 5, 2, 1 configs
     assert spent == 10 * 5 + 5 * 5 + 2 * 5 + 1 * 5
+    # on a budget of 2 runs (40 steps): 4 configs cost 4*5 + 2*5 + 1*5 + 1*5 = 40, 5 cost 45
+    pick, spent, n = bench.replay_successive_halving(sweep, budget_steps=2 * STEPS, seed=3)
+    assert n == 4 and spent == 40 and pick in RANKS
+    assert bench.replay_successive_halving(sweep, budget_steps=2 * STEPS, seed=3)[0] == pick
+    assert bench.replay_successive_halving(sweep, budget_steps=1)[2] == 1  # at least one
 
 
 def test_tpe_replay_is_seeded(tmp_path):

@@ -104,28 +104,44 @@ def tpe_budget(probe_runs: list[float]) -> int:
     return max(1, math.ceil(max(probe_runs) - 1e-9)) if probe_runs else 2
 
 
-def replay_successive_halving(sweep: dict[str, Any], eta: int = 2) -> tuple[int, int]:
+def replay_successive_halving(sweep: dict[str, Any], eta: int = 2,
+                              budget_steps: float | None = None, seed: int = 0
+                              ) -> tuple[int, int, int]:
     """Successive halving over (rank, lr) on the recorded learning curves (seed 0).
 
     Rung k trains the surviving configs to the k-th evaluation point; the best 1/eta go on.
-    Returns the pick and the steps it spent.
+    With `budget_steps`, it starts from the most configs (drawn at random with `seed`) whose
+    rungs fit the budget, at least one. Returns the pick, the steps spent, the configs started.
     """
     spec = sweep["spec"]
     seed0 = [t for t in sweep["trials"] if t["seed"] == spec["seeds"][0] and t["status"] == "ok"]
     curves = {(t["rank"], t["lr"]): t.get("curve") or [] for t in seed0}
-    alive = [k for k, c in curves.items() if c]
-    if not alive:
+    configs = sorted(k for k, c in curves.items() if c)
+    if not configs:
         raise LorankError("successive halving needs learning curves in sweep.json")
-    n_rungs = min(len(c) for c in curves.values() if c)
-    spent, prev_step = 0, 0
+    n_rungs = min(len(curves[k]) for k in configs)
+    rung_steps = [curves[configs[0]][rung][0] for rung in range(n_rungs)]
+
+    def spend(n: int) -> int:
+        total, prev, alive = 0, 0, n
+        for rung, step in enumerate(rung_steps):
+            total += alive * (step - prev)
+            prev = step
+            if rung < n_rungs - 1:
+                alive = max(1, alive // eta)
+        return total
+
+    n = len(configs)
+    if budget_steps is not None:
+        n = max([1] + [m for m in range(1, len(configs) + 1) if spend(m) <= budget_steps])
+        order = np.random.default_rng(seed).permutation(len(configs))
+        configs = sorted(configs[i] for i in order[:n])
+    alive = list(configs)
     for rung in range(n_rungs):
-        step = curves[alive[0]][rung][0]
-        spent += len(alive) * (step - prev_step)
-        prev_step = step
-        alive.sort(key=lambda k: curves[k][rung][2])
+        alive.sort(key=lambda k, rung=rung: curves[k][rung][2])
         if rung < n_rungs - 1:
             alive = alive[: max(1, len(alive) // eta)]
-    return int(alive[0][0]), int(spent)
+    return int(alive[0][0]), spend(n), n
 
 
 def score_task(task_dir: Path) -> dict[str, Any]:
@@ -162,8 +178,12 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     budget = tpe_budget(probe_runs)
     pick, spent = replay_tpe(sweep, budget)
     rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
-    pick, spent = replay_successive_halving(sweep)
-    rows.append(score("successive halving", pick, right, params, spent / full))
+    run_steps = sweep["spec"]["recipe"]["steps"]
+    pick, spent, n = replay_successive_halving(sweep, budget_steps=budget * run_steps)
+    rows.append(score(f"successive halving ({budget} runs, {n} configs)", pick, right, params,
+                      spent / full))
+    pick, spent, n = replay_successive_halving(sweep)
+    rows.append(score(f"successive halving (all {n} configs)", pick, right, params, spent / full))
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
             "curve_agreement": agreement, "gradient_rules": rules,
             "seconds_per_step": sec_step, "full_sweep_steps": full,
