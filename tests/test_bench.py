@@ -196,3 +196,13 @@ def test_tpe_gets_the_compute_of_the_dearest_probe(tmp_path):
     tpe = rows["Optuna TPE (3 runs)"]
     assert tpe["cost"] == pytest.approx(3 * STEPS / bench.full_sweep_steps(bench.load_sweep(task)))
     assert bench.tpe_budget([1.0]) == 1 and bench.tpe_budget([0.2]) == 1
+
+
+def test_overall_groups_searches_by_family_across_budgets(tmp_path):
+    a, b = bench.score_task(fake_sweep(tmp_path / "a")), bench.score_task(fake_sweep(tmp_path / "b"))
+    tpe = next(r for r in b["rows"] if r["method"].startswith("Optuna TPE"))
+    tpe["method"] = "Optuna TPE (5 runs)"  # another task's probe bought another budget
+    rows = {r["method"]: r for r in bench.overall([a, b])}
+    assert rows["Optuna TPE (probe's budget)"]["tasks"] == 2
+    assert rows["successive halving (all configs)"]["tasks"] == 2
+    assert rows["fixed r=8"]["tasks"] == 2

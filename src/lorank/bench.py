@@ -177,13 +177,15 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     rows += score_layerwise(task_dir, sweep, right, params, sec_step, full)
     budget = tpe_budget(probe_runs)
     pick, spent = replay_tpe(sweep, budget)
-    rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full))
+    rows.append(score(f"Optuna TPE ({budget} runs)", pick, right, params, spent / full)
+                | {"family": "Optuna TPE (probe's budget)"})
     run_steps = sweep["spec"]["recipe"]["steps"]
     pick, spent, n = replay_successive_halving(sweep, budget_steps=budget * run_steps)
     rows.append(score(f"successive halving ({budget} runs, {n} configs)", pick, right, params,
-                      spent / full))
+                      spent / full) | {"family": "successive halving (probe's budget)"})
     pick, spent, n = replay_successive_halving(sweep)
-    rows.append(score(f"successive halving (all {n} configs)", pick, right, params, spent / full))
+    rows.append(score(f"successive halving (all {n} configs)", pick, right, params, spent / full)
+                | {"family": "successive halving (all configs)"})
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
             "curve_agreement": agreement, "gradient_rules": rules,
             "seconds_per_step": sec_step, "full_sweep_steps": full,
@@ -285,8 +287,8 @@ def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]
 def overall(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     methods: dict[str, list[dict]] = {}
     for s in scored:
-        for row in s["rows"]:
-            methods.setdefault(row["method"], []).append(row)
+        for row in s["rows"]:  # a search's budget differs per task: grouped by its family
+            methods.setdefault(row.get("family", row["method"]), []).append(row)
     out = []
     for name, rows in methods.items():
         out.append({"method": name, "tasks": len(rows),
