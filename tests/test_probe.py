@@ -16,6 +16,7 @@ from lorank.estimators.probe import (
     _rotate_to_svd_basis,
     _summarize,
     default_ranks,
+    monitoring_pays,
     nested_probe,
     race_ranks,
     smallest_within_tolerance,
@@ -373,3 +374,19 @@ def test_racing_stops_clearly_worse_ranks_early_and_keeps_the_decision():
     assert len(again[1]) == 64 and not [n for r, n in calls if r == 1]
     assert sum(n for r, n in calls if r == 4) == 400 - 64
     assert np.array_equal(again[4], losses[4])
+
+
+def test_monitoring_is_skipped_when_it_costs_more_than_it_can_save():
+    """format-json's recipe (26 steps x 8, 7 ranks, 64 monitored examples, 4 eval points):
+    monitoring ~600 example-units against at most ~146 saved; wordnet-lexname's (150 x 32)
+    can save ~3,360. A probe that cannot pay reads its curve once, at the end."""
+    short = TrainConfig(rank=64, steps=26, batch_size=8, eval_every=6)
+    long = TrainConfig(rank=64, steps=150, batch_size=32, eval_every=37)
+    assert not monitoring_pays(short, 7, 64, 0.3)
+    assert monitoring_pays(long, 7, 64, 0.3)
+    train, val = planted_data(2, n_train=64, n_val=32)
+    cfg = replace(PROBE_CONFIG, eval_every=2, steps=6, batch_size=4)
+    res = nested_probe(base_factory, train, val, pad_token_id=0, config=cfg, max_rank=4,
+                       n_boot=20, progress=False)
+    assert [h["step"] for h in res.history] == [6] and not res.early_stopped
+    assert res.notes[0].startswith("early stopping off")

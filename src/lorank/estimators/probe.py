@@ -635,6 +635,20 @@ class _ProbeEvaluator:
         self.scored = int(d.get("scored", 0))
 
 
+EVAL_COST_PER_EXAMPLE = 1 / 3  # a forward pass without gradients, in training-example units
+
+
+def monitoring_pays(config: TrainConfig, n_ranks: int, n_monitor: int,
+                    min_fraction: float) -> bool:
+    """Whether early stopping can save more than its monitoring costs: monitoring scores
+    n_monitor examples at every rank at each eval point; stopping saves at most the steps after
+    min_fraction of the budget. Both in training-example units (an evaluated example costs
+    about a third of a trained one)."""
+    n_evals = config.steps // max(1, config.eval_every)
+    cost = n_evals * n_monitor * n_ranks * EVAL_COST_PER_EXAMPLE
+    return cost < (1 - min_fraction) * config.steps * config.batch_size
+
+
 def nested_probe(
     model_factory: Callable[[], PreTrainedModel],
     train_examples: Sequence[dict],
@@ -690,6 +704,14 @@ def nested_probe(
         ranks.append(max_rank)
     steps = int(budget_steps or config.steps)
     cfg = replace(config, rank=max_rank, steps=steps, seed=seed)
+    notes = []
+    if early_stop and not monitoring_pays(cfg, len(ranks), min(n_monitor, len(val_examples)),
+                                          min_fraction):
+        # on a short run, scoring every rank at every eval point costs more than stopping
+        # early could save: read the curve once, at the end
+        early_stop, cfg = False, replace(cfg, eval_every=steps)
+        notes.append("early stopping off: monitoring every rank would cost more than the "
+                     "training it could save")
     nested = NestedLoRA(
         ranks,
         lora_alpha=cfg.lora_alpha,
@@ -758,6 +780,7 @@ def nested_probe(
         "nested", ranks, evaluator.val_losses, evaluator.train_losses, n_boot=n_boot, seed=seed
     )
     summary.pop("method")
+    summary["notes"] = notes + summary["notes"]
     return ProbeResult(
         val_losses={r: v.tolist() for r, v in evaluator.val_losses.items()}, **summary, **base
     )
