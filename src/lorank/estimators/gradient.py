@@ -549,7 +549,7 @@ class _Tap:
         are computed once for both, and without `vectors` only singular values (svdvals costs
         about a third of a full SVD)."""
         if self.exact:
-            total = float((summary.double() ** 2).sum())
+            total = self._energy(summary)
             if not vectors:
                 return None, torch.linalg.svdvals(summary), None, total
             u, s, v = self._svd(summary, self.r)

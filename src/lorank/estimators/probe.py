@@ -149,16 +149,12 @@ def race_ranks(
     cuts = sorted({c for c in (int(round(f * n)) for f in fractions) if start < c < n} | {n})
     alive = list(ranks)
     for cut in cuts:
-        if start > 0:
-            means = {r: float(np.nanmean(got[r])) for r in alive}
-            best = min(alive, key=means.__getitem__)
-            for r in list(alive):
-                d = got[r] - got[best]
-                d = d[np.isfinite(d)]
-                if r in (best, ranks[-1]) or len(d) < 2:  # r_max anchors the curve's shape
-                    continue
-                se = float(d.std(ddof=1) / math.sqrt(len(d)))
-                if d.mean() - margin_se * se > max(rel_tol * means[best], n_se * se):
+        if start > 1:  # the decision rule on the prefix, with a margin
+            _, _, details = smallest_within_tolerance({r: got[r] for r in alive},
+                                                      rel_tol=rel_tol, n_se=n_se)
+            for r, d in details["per_rank"].items():
+                keep = r in (details["best_rank"], ranks[-1])  # r_max anchors the curve's shape
+                if not keep and d["diff"] - margin_se * d["se_diff"] > d["tol"]:
                     alive.remove(r)
         chunk = examples[start:cut]
         for r in alive:
