@@ -13,8 +13,9 @@ from lorank.errors import LorankError
 RANKS, LRS, SEEDS, STEPS = [1, 2, 4, 8, 16], [1e-3, 3e-3], [0, 1], 20
 
 
-def fake_sweep(tmp_path, knee: int = 4):
-    """Loss falls until `knee`, then is flat; lr 3e-3 is better; 200 validation examples."""
+def fake_sweep(tmp_path, knee: int = 4, level_of=None):
+    """Loss falls until `knee`, then is flat; lr 3e-3 is better; 200 validation examples.
+    `level_of(rank, lr)` replaces that shape."""
     rng = np.random.default_rng(0)
     base = rng.gamma(2.0, 1.0, size=200)
     trials, number = [], 0
@@ -23,6 +24,8 @@ def fake_sweep(tmp_path, knee: int = 4):
             for s in SEEDS:
                 gain = 0.3 * min(np.log2(r), np.log2(knee)) / np.log2(knee)
                 level = 2.0 - gain + (0.05 if lr == 1e-3 else 0.0)
+                if level_of is not None:
+                    level = level_of(r, lr)
                 per_ex = base * level / base.mean() + rng.normal(0, 0.01, size=200)
                 curve = [[step, 0.0, level + 0.5 * (1 - step / STEPS)] for step in (5, 10, 15, 20)]
                 trials.append({"number": number, "rank": r, "lr": lr, "seed": s, "status": "ok",
@@ -64,6 +67,21 @@ def test_score_task_rows(tmp_path):
     assert cap["cost"] == pytest.approx(2 / 200)
     assert rows["successive halving (all 10 configs)"]["cost"] > 0
     assert rows["successive halving (2 runs, 4 configs)"]["cost"] == pytest.approx(40 / 200)
+
+
+def test_single_lr_curves_miss_where_the_best_lr_moves_with_rank(tmp_path):
+    """3e-3 wins at ranks 1-2 and is flat; 1e-3 wins from rank 4 on, where the truth's knee is.
+    Read at 3e-3 alone the curve is flat (pick 1, outside tolerance); at 1e-3 it has the knee."""
+    def level_of(r, lr):
+        return 1.8 if lr == 3e-3 else {1: 2.2, 2: 2.0}.get(r, 1.7)
+
+    s = bench.score_task(fake_sweep(tmp_path, level_of=level_of))
+    assert s["truth"]["r_star"] == 4
+    assert s["best_lr"] == {"1": 3e-3, "2": 3e-3, "4": 1e-3, "8": 1e-3, "16": 1e-3}
+    at = {row["lr"]: row for row in s["single_lr"]}
+    assert at[3e-3]["r_rec"] == 1 and not at[3e-3]["acceptable"]
+    assert at[1e-3]["r_rec"] == 4 and at[1e-3]["acceptable"]
+    assert "| 0.003 | 1 |" in bench.markdown_tables([s], tmp_path)
 
 
 def test_per_layer_baseline_rows(tmp_path):

@@ -23,6 +23,7 @@ import optuna
 from lorank.errors import LorankError
 from lorank.report import atomic_write_text, plot_rank_curve
 from lorank.scoring import RightRank, right_rank, score, score_run
+from lorank.sweep import rank_loss_curve
 
 FIXED = (8, 16)
 
@@ -188,8 +189,35 @@ def score_task(task_dir: Path) -> dict[str, Any]:
                 | {"family": "successive halving (all configs)"})
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
             "curve_agreement": agreement, "gradient_rules": rules,
+            "best_lr": {str(r): row["lr"] for r, row in sorted(sweep["curve"].items(),
+                                                                key=lambda kv: int(kv[0]))},
+            "single_lr": single_lr_picks(sweep, right, params),
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
+
+
+def single_lr_picks(sweep: dict[str, Any], right: RightRank,
+                    params: dict[int, float]) -> list[dict[str, Any]]:
+    """What a method that reads the whole rank curve at one learning rate would pick, at best.
+
+    For each lr of the grid run at every rank, r* of the sweep's own curve at that lr (same
+    rule, same seeds), scored against the truth (best lr per rank). A probe trains at one lr,
+    so this is its ceiling: where the best lr moves with rank, no single-lr curve has the
+    truth's shape.
+    """
+    ranks = {int(r) for r in sweep["curve"]}
+    out = []
+    for lr in sweep["spec"]["lrs"]:
+        runs = [t for t in sweep["trials"] if t["lr"] == lr]
+        curve = rank_loss_curve(runs)
+        if set(curve) != ranks or not all(curve.values()):
+            continue
+        at_lr = right_rank({r: np.asarray(row["per_example"], float) for r, row in curve.items()},
+                           seed_spread={r: row["seed_sd"] / math.sqrt(max(row["seeds"], 1))
+                                        for r, row in curve.items()})
+        out.append(score(f"sweep curve at lr {lr:g}", at_lr.r_star, right, params, 0.0)
+                   | {"lr": lr})
+    return out
 
 
 def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
@@ -326,8 +354,24 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
                          f"{'yes' if row['acceptable'] else 'no'} |")
         for name, rho in s.get("curve_agreement", {}).items():
             lines.append(f"\n{name} curve vs sweep curve: Spearman rank correlation {rho:.2f}")
+        lines += _single_lr_lines(s)
     lines += rule_tables(scored)
     return "\n".join(lines) + "\n"
+
+
+def _single_lr_lines(s: dict[str, Any]) -> list[str]:
+    if not s.get("best_lr"):
+        return []
+    best = ", ".join(f"r={r}: {lr:g}" for r, lr in s["best_lr"].items())
+    lines = ["", f"Best learning rate per rank: {best}."]
+    if s.get("single_lr"):
+        lines += ["", "The sweep's own curve at one learning rate (the most a single-lr probe "
+                  "could see), picked by the same rule:", "",
+                  "| lr | pick | regret | waste | within tol |", "| ---: | ---: | ---: | ---: | :---: |"]
+        for row in s["single_lr"]:
+            lines.append(f"| {row['lr']:g} | {row['r_rec']:g} | {row['regret']:.2%} | "
+                         f"{row['waste']:.2f} | {'yes' if row['acceptable'] else 'no'} |")
+    return lines
 
 
 def _rule_key(name: str, tasks: list[dict[str, Any]]) -> tuple:
