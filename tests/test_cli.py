@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -141,6 +142,27 @@ def test_probe_bad_budget(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
                        "--budget", "0", "--out", str(tmp_path / "o"), "--quiet")
     assert_one_line_error(code, err, "--budget 0: must be at least one step")
+
+
+def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_dir, pc_data,
+                                                     tmp_path):
+    code, out, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
+                       "--max-length", "48", "--max-rank", "4", "--budget", "8",
+                       "--lr", "1e-2,1e-3", "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 0
+    rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
+    probe = next(e for e in rec["evidence"] if e["name"] == "svd-probe")
+    pilot = probe["details"]["lr_pilot"]
+    assert sorted(pilot["losses"]) == ["0.001", "0.01"] and pilot["steps_each"] == 2
+    assert probe["details"]["learning_rate"] == pilot["learning_rate"]
+    assert pilot["rank"] == 2  # the middle of candidate ranks 1, 2, 4
+    assert any("chosen by a pilot" in n for n in probe["notes"])
+
+
+def test_probe_bad_lr(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
+                       "--lr", "2e-3,fast", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "--lr 2e-3,fast: expected comma-separated float values")
 
 
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys, model_dir):

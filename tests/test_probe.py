@@ -18,6 +18,8 @@ from lorank.estimators.probe import (
     default_ranks,
     monitoring_pays,
     nested_probe,
+    pick_learning_rate,
+    pilot_rank,
     race_ranks,
     smallest_within_tolerance,
     svd_truncation_curve,
@@ -390,3 +392,23 @@ def test_monitoring_is_skipped_when_it_costs_more_than_it_can_save():
                        n_boot=20, progress=False)
     assert [h["step"] for h in res.history] == [6] and not res.early_stopped
     assert res.notes[0].startswith("early stopping off")
+
+
+def test_pilot_rank_is_the_geometric_middle():
+    assert pilot_rank([1, 2, 4, 8, 16, 32, 64]) == 8
+    assert pilot_rank([2, 4, 8, 16, 32]) == 8
+    assert pilot_rank([1, 4, 16, 64, 256]) == 16
+    assert pilot_rank([16]) == 16
+
+
+def test_learning_rate_pilot_runs_a_fraction_and_keeps_the_lr_that_learns():
+    """1e-7 leaves the planted rank-2 update unlearned, 2e-2 learns it: the pilot keeps 2e-2,
+    trains each lr for the first quarter of the schedule only, and scores a subsample."""
+    train, val = planted_data(2, n_train=256, n_val=96)
+    cfg = replace(PROBE_CONFIG, steps=40)
+    pilot = pick_learning_rate(base_factory, train, val, pad_token_id=0, config=cfg,
+                               lrs=[2e-2, 1e-7], rank=4, n_val=32, progress=False)
+    assert pilot["learning_rate"] == 2e-2
+    assert pilot["steps_each"] == 10 and pilot["n_val"] == 32 and pilot["rank"] == 4
+    losses = pilot["losses"]
+    assert losses["0.02"] < losses["1e-07"] - 0.05

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -70,14 +72,16 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               rank: int | None = None, max_rank: int = 256, batch_size: int = 8, seed: int = 0,
               profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
               budget: str | int | None = None, probe_method: str = "svd",
-              probe_max_rank: int = 64, lr: float = 1e-3, calib: int = 256,
+              probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
+              calib: int = 256,
               gradient_max_rank: int | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
 
     `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
-    or minutes as "10m") adds the one-run probe. `rank` forces a rank and only checks it
+    or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
+    `rank` forces a rank and only checks it
     against the targets (the evidence is still reported).
     """
     if budget is not None and "probe" not in estimators:
@@ -243,12 +247,22 @@ def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds:
 
 def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet,
               prof: data_mod.DataProfile, *, method: str = "svd", max_rank: int = 64,
-              budget: str | int | None = None, lr: float = 1e-3, batch_size: int = 8,
-              seed: int = 0, progress: bool = True, out: Path | None = None) -> Evidence:
-    """One training run at `max_rank`, read at every smaller rank (nested or SVD truncation)."""
+              budget: str | int | None = None, lr: float | Sequence[float] = 1e-3,
+              batch_size: int = 8, seed: int = 0, progress: bool = True,
+              out: Path | None = None) -> Evidence:
+    """One training run at `max_rank`, read at every smaller rank (nested or SVD truncation).
+
+    Several learning rates in `lr`: a pilot (a quarter of the schedule at the middle candidate
+    rank, per lr) picks the one the probe trains at; its cost is part of the probe's.
+    """
     import copy
 
-    from lorank.estimators.probe import nested_probe, svd_truncation_curve
+    from lorank.estimators.probe import (
+        nested_probe,
+        pick_learning_rate,
+        pilot_rank,
+        svd_truncation_curve,
+    )
     from lorank.report import plot_rank_curve
     from lorank.train import TrainConfig, train_lora
 
@@ -257,8 +271,12 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     max_rank = min(max_rank, targets.max_rank)
     targets.check_rank(max_rank)
     steps, budget_text = parse_budget(budget, prof, batch_size, len(prepared.train))
+    lrs = sorted({float(x) for x in lr}) if isinstance(lr, Sequence) else [float(lr)]
+    if not lrs or min(lrs) <= 0:
+        raise LorankError(f"--lr {lr}: expected one or more positive learning rates")
+    ranks = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= max_rank]
     config = TrainConfig(rank=max_rank, target_modules=targets.peft_target_modules,
-                         modules_to_save=targets.modules_to_save or None, learning_rate=lr,
+                         modules_to_save=targets.modules_to_save or None, learning_rate=lrs[0],
                          steps=steps, batch_size=batch_size, seed=seed,
                          # the SVD variant reads its curve once, at the end; the nested one
                          # watches it (early stopping) four times
@@ -269,6 +287,12 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     def factory():
         return copy.deepcopy(loaded.model)
 
+    pilot = None
+    if len(lrs) > 1:
+        pilot = pick_learning_rate(factory, prepared.train, prepared.val,
+                                   pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
+                                   rank=pilot_rank(ranks), seed=seed, progress=progress)
+        config = replace(config, learning_rate=pilot["learning_rate"])
     if method == "nested":
         result = nested_probe(factory, prepared.train, prepared.val,
                               pad_token_id=loaded.pad_token_id, config=config,
@@ -278,7 +302,6 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         trained = train_lora(factory, prepared.train, prepared.val, config,
                              pad_token_id=loaded.pad_token_id, progress=progress,
                              return_model=True)
-        ranks = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= max_rank]
         result = svd_truncation_curve(trained.model, ranks, prepared.val,
                                       pad_token_id=loaded.pad_token_id,
                                       train_examples=prepared.train, batch_size=batch_size,
@@ -297,7 +320,13 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                                           n_val=n_val)
     evidence.details["budget"] = budget_text
     evidence.details["steps"] = steps
-    evidence.details["learning_rate"] = lr
+    evidence.details["learning_rate"] = config.learning_rate
+    if pilot is not None:
+        evidence.details["lr_pilot"] = pilot
+        tried = ", ".join(f"{k}: {v:.4f}" for k, v in pilot["losses"].items())
+        evidence.notes.append(f"learning rate {config.learning_rate:g} chosen by a pilot at rank "
+                              f"{pilot['rank']} ({pilot['steps_each']} steps each; val loss "
+                              f"{tried})")
     if out is not None:
         ensure_writable(out)
         plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",

@@ -49,7 +49,8 @@ def recommend(
                                "steps (200) or minutes (10m)"),
     probe_method: str = BUDGET_METHOD,
     probe_max_rank: int = typer.Option(64, help="rank the probe trains at (reads all below)"),
-    lr: float = typer.Option(1e-3, help="learning rate of the probe run"),
+    lr: str = typer.Option("1e-3", help="learning rate of the probe run; several "
+                           "(2e-3,8e-3): a short pilot at the middle rank picks one"),
     calib: int = CalibOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
@@ -57,7 +58,7 @@ def recommend(
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                rank=rank, max_rank=max_rank, batch_size=batch_size, seed=seed, out=out,
                dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
-               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=lr, calib=calib,
+               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=_lrs(lr), calib=calib,
                progress=not quiet)
 
 
@@ -86,6 +87,14 @@ def analyze(
     console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
+def _lrs(text: str) -> float | list[float]:
+    """One learning rate, or several for the probe's pilot to choose from."""
+    from lorank.sweep import parse_list
+
+    values = parse_list(text, float, "lr")
+    return values[0] if len(values) == 1 else values
+
+
 def _recommend(model: str, data: str, out: Path, **kwargs) -> None:
     from lorank.api import recommend as api_recommend
     from lorank.report import print_recommendation
@@ -105,7 +114,8 @@ def probe(
     budget: str = typer.Option(None, help="training steps (200) or minutes (10m); default "
                                "about one epoch"),
     method: str = BUDGET_METHOD,
-    lr: float = typer.Option(1e-3, help="learning rate"),
+    lr: str = typer.Option("1e-3", help="learning rate; several (2e-3,8e-3): a short pilot "
+                           "at the middle rank picks one"),
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
     max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
@@ -120,7 +130,7 @@ def probe(
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
                estimators=("capacity", "probe"), budget=budget or "auto",
-               probe_method=method, probe_max_rank=max_rank, lr=lr, progress=not quiet)
+               probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr), progress=not quiet)
 
 
 @app.command()
