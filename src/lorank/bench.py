@@ -436,20 +436,20 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
     """Run lorank's estimators on a task's data and store their Evidence.
 
     capacity and gradient train nothing; the probe trains one run at the task's largest rank
-    with the task's steps and batch, at the geometric middle of its learning-rate grid (a user
-    running the probe has not tuned the learning rate either).
+    with the task's steps and batch, at the lr of the task's grid that its pilot picks (a
+    quarter of the schedule per lr at the middle rank, charged to the probe's cost).
     """
     from lorank.api import recommend
 
     task_dir = Path(task_dir)
     info = json.loads((task_dir / "data" / "task.json").read_text())["task"]
     written = []
-    lr = math.sqrt(min(info["lrs"]) * max(info["lrs"]))  # the grid's middle: no tuning
     for name in names:
         if name not in BENCH_ESTIMATORS:
             raise LorankError(f"--run {name}: unknown; known: {', '.join(BENCH_ESTIMATORS)}")
         estimator, method = BENCH_ESTIMATORS[name]
-        probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]), "lr": lr,
+        probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]),
+                 "lr": list(info["lrs"]),
                  "batch_size": info["batch_size"], "probe_method": method} if method else {}
         rec = recommend(info["model"], task_dir / "data" / "train.jsonl",
                         val_data=task_dir / "data" / "val.jsonl", max_length=info["max_length"],
