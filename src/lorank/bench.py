@@ -192,6 +192,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
             "best_lr": {str(r): row["lr"] for r, row in sorted(sweep["curve"].items(),
                                                                 key=lambda kv: int(kv[0]))},
             "single_lr": single_lr_picks(sweep, right, params),
+            "pilot_lr": replay_lr_pilot(sweep),
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
 
@@ -218,6 +219,20 @@ def single_lr_picks(sweep: dict[str, Any], right: RightRank,
         out.append(score(f"sweep curve at lr {lr:g}", at_lr.r_star, right, params, 0.0)
                    | {"lr": lr})
     return out
+
+
+def replay_lr_pilot(sweep: dict[str, Any], seed: int = 0) -> float | None:
+    """The lr the probe's pilot would pick, replayed on the sweep's runs at the pilot rank: the
+    lowest validation loss at the first evaluation (a quarter of the schedule) of that seed."""
+    from lorank.estimators.probe import pilot_rank
+
+    rank = pilot_rank([int(r) for r in sweep["curve"]])
+    first = {t["lr"]: t["curve"][0][2] for t in sweep["trials"]
+             if t["rank"] == rank and t["seed"] == seed and t["lr"] in sweep["spec"]["lrs"]
+             and t.get("curve")}
+    if len(first) < 2:
+        return None
+    return min(first, key=lambda lr: (first[lr] if math.isfinite(first[lr]) else math.inf, lr))
 
 
 def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
@@ -371,6 +386,9 @@ def _single_lr_lines(s: dict[str, Any]) -> list[str]:
         for row in s["single_lr"]:
             lines.append(f"| {row['lr']:g} | {row['r_rec']:g} | {row['regret']:.2%} | "
                          f"{row['waste']:.2f} | {'yes' if row['acceptable'] else 'no'} |")
+    if s.get("pilot_lr") is not None:
+        lines += ["", f"The probe's lr pilot replayed on the sweep's seed-0 runs at the middle "
+                  f"rank (first evaluation, a quarter of the schedule) picks {s['pilot_lr']:g}."]
     return lines
 
 
