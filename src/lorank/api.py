@@ -81,8 +81,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
 
     `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
     or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
-    `rank` forces a rank and only checks it
-    against the targets (the evidence is still reported).
+    `rank` forces a rank and only checks it against the targets (the evidence is still
+    reported).
     """
     if budget is not None and "probe" not in estimators:
         estimators = (*estimators, "probe")
