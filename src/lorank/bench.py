@@ -23,7 +23,6 @@ import optuna
 from lorank.errors import LorankError
 from lorank.report import atomic_write_text, plot_rank_curve
 from lorank.scoring import RightRank, right_rank, score, score_run
-from lorank.sweep import rank_loss_curve
 
 FIXED = (8, 16)
 
@@ -37,7 +36,11 @@ def load_sweep(task_dir: Path) -> dict[str, Any]:
 
 def truth(sweep: dict[str, Any]) -> RightRank:
     """r* by the DESIGN.md rule: paired SE across examples, widened by the seed spread."""
-    curve = {int(r): row for r, row in sweep["curve"].items() if row}
+    return _right_rank_of({int(r): row for r, row in sweep["curve"].items() if row})
+
+
+def _right_rank_of(curve: dict[int, dict[str, Any]]) -> RightRank:
+    """r* of a rank–loss curve in `rank_loss_curve`'s rows (seed-mean per-example losses)."""
     losses = {r: np.asarray(row["per_example"], float) for r, row in curve.items()}
     spread = {r: row["seed_sd"] / math.sqrt(max(row["seeds"], 1)) for r, row in curve.items()}
     return right_rank(losses, seed_spread=spread)
@@ -206,16 +209,15 @@ def single_lr_picks(sweep: dict[str, Any], right: RightRank,
     so this is its ceiling: where the best lr moves with rank, no single-lr curve has the
     truth's shape.
     """
+    from lorank.sweep import rank_loss_curve  # numpy only, but its module loads the trainer
+
     ranks = {int(r) for r in sweep["curve"]}
     out = []
     for lr in sweep["spec"]["lrs"]:
-        runs = [t for t in sweep["trials"] if t["lr"] == lr]
-        curve = rank_loss_curve(runs)
+        curve = rank_loss_curve([t for t in sweep["trials"] if t["lr"] == lr])
         if set(curve) != ranks or not all(curve.values()):
             continue
-        at_lr = right_rank({r: np.asarray(row["per_example"], float) for r, row in curve.items()},
-                           seed_spread={r: row["seed_sd"] / math.sqrt(max(row["seeds"], 1))
-                                        for r, row in curve.items()})
+        at_lr = _right_rank_of(curve)
         out.append(score(f"sweep curve at lr {lr:g}", at_lr.r_star, right, params, 0.0)
                    | {"lr": lr})
     return out
