@@ -159,6 +159,18 @@ def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_
     assert any("chosen by a pilot" in n for n in probe["notes"])
 
 
+@pytest.mark.parametrize("method", ["svd", "nested"])
+def test_probe_curve_ends_at_a_max_rank_off_the_powers_of_two(monkeypatch, capsys, model_dir,
+                                                              pc_data, tmp_path, method):
+    code, _, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
+                     "--max-length", "48", "--max-rank", "6", "--budget", "4",
+                     "--probe-method", method, "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 0
+    rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
+    probe = next(e for e in rec["evidence"] if e["name"] in ("probe", "svd-probe"))
+    assert sorted(int(r) for r in probe["curve"]) == [1, 2, 4, 6]
+
+
 def test_probe_bad_lr(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
                        "--lr", "2e-3,fast", "--out", str(tmp_path / "o"), "--quiet")

@@ -19,7 +19,7 @@ from lorank.estimators.base import Evidence
 from lorank.estimators.capacity import capacity_evidence
 from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
-from lorank.targets import CANDIDATE_RANKS, TargetSet, resolve_targets
+from lorank.targets import TargetSet, resolve_targets
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("capacity", "gradient")
 
@@ -258,6 +258,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     import copy
 
     from lorank.estimators.probe import (
+        default_ranks,
         nested_probe,
         pick_learning_rate,
         pilot_rank,
@@ -274,7 +275,8 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     lrs = sorted({float(x) for x in lr}) if isinstance(lr, Sequence) else [float(lr)]
     if not lrs or min(lrs) <= 0:
         raise LorankError(f"--lr {lr}: expected one or more positive learning rates")
-    ranks = [r for r in CANDIDATE_RANKS if r <= max_rank]
+    # the nested probe samples from the same list: both curves end at max_rank itself
+    ranks = default_ranks(max_rank)
     config = TrainConfig(rank=max_rank, target_modules=targets.peft_target_modules,
                          modules_to_save=targets.modules_to_save or None, learning_rate=lrs[0],
                          steps=steps, batch_size=batch_size, seed=seed,
