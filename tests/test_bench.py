@@ -82,7 +82,8 @@ def test_single_lr_curves_miss_where_the_best_lr_moves_with_rank(tmp_path):
     assert at[3e-3]["r_rec"] == 1 and not at[3e-3]["acceptable"]
     assert at[1e-3]["r_rec"] == 4 and at[1e-3]["acceptable"]
     assert "| 0.003 | 1 |" in bench.markdown_tables([s], tmp_path)
-    assert s["pilot_lr"] == 1e-3  # the pilot's replay at the middle rank (4) keeps the right lr
+    # pilots replayed: the nested probe's at the middle rank (4) and the SVD probe's at R (16)
+    assert s["pilot_lr"] == {"svd": 1e-3, "nested": 1e-3}
 
 
 def test_per_layer_baseline_rows(tmp_path):

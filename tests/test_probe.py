@@ -412,3 +412,24 @@ def test_learning_rate_pilot_runs_a_fraction_and_keeps_the_lr_that_learns():
     assert pilot["steps_each"] == 10 and pilot["n_val"] == 32 and pilot["rank"] == 4
     losses = pilot["losses"]
     assert losses["0.02"] < losses["1e-07"] - 0.05
+
+
+def test_pilot_winner_continued_from_its_checkpoint_equals_a_run_from_scratch(tmp_path):
+    """The SVD probe does not retrain the pilot's winning quarter: it resumes the winner's
+    checkpoint. That is only honest if the continued run is the run it replaces."""
+    train, val = planted_data(2, n_train=256, n_val=64)
+    cfg = replace(PROBE_CONFIG, steps=40, rank=4, eval_every=40)
+    pilot = pick_learning_rate(base_factory, train, val, pad_token_id=0, config=cfg,
+                               lrs=[2e-2, 1e-7], rank=4, n_val=32, progress=False,
+                               checkpoint_root=tmp_path)
+    assert pilot["learning_rate"] == 2e-2 and pilot["checkpoint_dir"].endswith("lr0.02")
+    winner = replace(cfg, learning_rate=2e-2)
+    continued = train_lora(base_factory, train, val, winner, pad_token_id=0, progress=False,
+                           out_dir=pilot["checkpoint_dir"], resume=True, return_model=True)
+    scratch = train_lora(base_factory, train, val, winner, pad_token_id=0, progress=False,
+                         return_model=True)
+    assert continued.steps_done == scratch.steps_done == 40
+    assert continued.final_val_loss == pytest.approx(scratch.final_val_loss, rel=1e-5)
+    a = {k: v for k, v in continued.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in scratch.model.state_dict().items() if "lora_" in k}
+    assert a and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -252,8 +253,10 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
               out: Path | None = None) -> Evidence:
     """One training run at `max_rank`, read at every smaller rank (nested or SVD truncation).
 
-    Several learning rates in `lr`: a pilot (a quarter of the schedule at the middle candidate
-    rank, per lr) picks the one the probe trains at; its cost is part of the probe's.
+    Several learning rates in `lr`: a pilot (a quarter of the schedule per lr) picks the one
+    the probe trains at; its cost is part of the probe's. The SVD variant pilots at R itself
+    and continues the winner's run (cost 1 + (k-1)/4 runs for k lrs); the nested one pilots
+    at the middle candidate rank.
     """
     import copy
 
@@ -290,40 +293,53 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         return copy.deepcopy(loaded.model)
 
     pilot = None
-    if len(lrs) > 1:
-        pilot = pick_learning_rate(factory, prepared.train, prepared.val,
-                                   pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
-                                   rank=pilot_rank(ranks), seed=seed, progress=progress)
-        config = replace(config, learning_rate=pilot["learning_rate"])
-    if method == "nested":
-        result = nested_probe(factory, prepared.train, prepared.val,
-                              pad_token_id=loaded.pad_token_id, config=config,
-                              budget_steps=steps, max_rank=max_rank, seed=seed,
-                              progress=progress)
-    else:
-        trained = train_lora(factory, prepared.train, prepared.val, config,
-                             pad_token_id=loaded.pad_token_id, progress=progress,
-                             return_model=True)
-        result = svd_truncation_curve(trained.model, ranks, prepared.val,
-                                      pad_token_id=loaded.pad_token_id,
-                                      train_examples=prepared.train, batch_size=batch_size,
-                                      seed=seed)
+    with tempfile.TemporaryDirectory(prefix="lorank-pilot-") as pilot_dir:
+        if len(lrs) > 1:
+            # SVD: the curve is read off one plain run at R, so the pilot runs at R and the
+            # winner's run is continued; nested: every rank trains, the pilot runs mid-range
+            pilot = pick_learning_rate(factory, prepared.train, prepared.val,
+                                       pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
+                                       rank=max_rank if method == "svd" else pilot_rank(ranks),
+                                       seed=seed, progress=progress,
+                                       checkpoint_root=Path(pilot_dir) if method == "svd"
+                                       else None)
+            config = replace(config, learning_rate=pilot["learning_rate"])
+        if method == "nested":
+            result = nested_probe(factory, prepared.train, prepared.val,
+                                  pad_token_id=loaded.pad_token_id, config=config,
+                                  budget_steps=steps, max_rank=max_rank, seed=seed,
+                                  progress=progress)
+        else:
+            resume_dir = pilot.get("checkpoint_dir") if pilot else None
+            trained = train_lora(factory, prepared.train, prepared.val, config,
+                                 pad_token_id=loaded.pad_token_id, progress=progress,
+                                 return_model=True, out_dir=resume_dir,
+                                 resume=resume_dir is not None)
+            result = svd_truncation_curve(trained.model, ranks, prepared.val,
+                                          pad_token_id=loaded.pad_token_id,
+                                          train_examples=prepared.train,
+                                          batch_size=batch_size, seed=seed)
     evidence = result.to_evidence()
     evidence.cost_seconds = time.perf_counter() - start
+    if method == "svd":
+        evidence.details["steps_done"] = trained.steps_done
     n_val = len(prepared.val)
     if method == "nested":
         run_parts = (result.wall_seconds - result.eval_seconds, result.steps_done,
                      result.eval_seconds, result.scored)
     else:
+        # a run continued from the pilot scored the pilot's subsample at its first eval point
+        first = pilot["n_val"] if resume_dir is not None else n_val
         run_parts = (trained.wall_seconds - trained.eval_seconds, trained.steps_done,
                      trained.eval_seconds + result.eval_seconds,
-                     len(trained.curve) * n_val + result.scored)
+                     first + (len(trained.curve) - 1) * n_val + result.scored)
     evidence.details["cost"] = probe_cost(evidence.cost_seconds, *run_parts, steps=steps,
                                           n_val=n_val)
     evidence.details["budget"] = budget_text
     evidence.details["steps"] = steps
     evidence.details["learning_rate"] = config.learning_rate
     if pilot is not None:
+        pilot["continued"] = bool(pilot.pop("checkpoint_dir", None))  # a temp dir, now gone
         evidence.details["lr_pilot"] = pilot
         tried = ", ".join(f"{k}: {v:.4f}" for k, v in pilot["losses"].items())
         evidence.notes.append(f"learning rate {config.learning_rate:g} chosen by a pilot at rank "

@@ -195,7 +195,8 @@ def score_task(task_dir: Path) -> dict[str, Any]:
             "best_lr": {str(r): row["lr"] for r, row in sorted(sweep["curve"].items(),
                                                                 key=lambda kv: int(kv[0]))},
             "single_lr": single_lr_picks(sweep, right, params),
-            "pilot_lr": replay_lr_pilot(sweep),
+            "pilot_lr": {"svd": replay_lr_pilot(sweep, rank=max(int(r) for r in sweep["curve"])),
+                         "nested": replay_lr_pilot(sweep)},
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
 
@@ -223,12 +224,13 @@ def single_lr_picks(sweep: dict[str, Any], right: RightRank,
     return out
 
 
-def replay_lr_pilot(sweep: dict[str, Any], seed: int = 0) -> float | None:
-    """The lr the probe's pilot would pick, replayed on the sweep's runs at the pilot rank: the
-    lowest validation loss at the first evaluation (a quarter of the schedule) of that seed."""
+def replay_lr_pilot(sweep: dict[str, Any], seed: int = 0, rank: int | None = None) -> float | None:
+    """The lr the probe's pilot would pick, replayed on the sweep's runs at `rank` (default: the
+    nested probe's, the middle candidate; the SVD probe's is R): the lowest validation loss at
+    the first evaluation (a quarter of the schedule) of that seed."""
     from lorank.estimators.probe import pilot_rank
 
-    rank = pilot_rank([int(r) for r in sweep["curve"]])
+    rank = rank or pilot_rank([int(r) for r in sweep["curve"]])
     first = {t["lr"]: t["curve"][0][2] for t in sweep["trials"]
              if t["rank"] == rank and t["seed"] == seed and t["lr"] in sweep["spec"]["lrs"]
              and t.get("curve")}
@@ -388,9 +390,12 @@ def _single_lr_lines(s: dict[str, Any]) -> list[str]:
         for row in s["single_lr"]:
             lines.append(f"| {row['lr']:g} | {row['r_rec']:g} | {row['regret']:.2%} | "
                          f"{row['waste']:.2f} | {'yes' if row['acceptable'] else 'no'} |")
-    if s.get("pilot_lr") is not None:
-        lines += ["", f"The probe's lr pilot replayed on the sweep's seed-0 runs at the middle "
-                  f"rank (first evaluation, a quarter of the schedule) picks {s['pilot_lr']:g}."]
+    pilots = {k: v for k, v in (s.get("pilot_lr") or {}).items() if v is not None}
+    if pilots:
+        where = {"svd": "R (the SVD probe)", "nested": "the middle rank (the nested probe)"}
+        said = " and ".join(f"{lr:g} at {where[k]}" for k, lr in pilots.items())
+        lines += ["", "The probes' lr pilots replayed on the sweep's seed-0 runs (first "
+                  f"evaluation, a quarter of the schedule) pick {said}."]
     return lines
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -817,31 +818,37 @@ def pick_learning_rate(
     n_val: int = 64,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_root: Path | None = None,
 ) -> dict[str, Any]:
     """Pick the probe's learning rate: the first `fraction` of the recipe's schedule at `rank`
     for each lr, scored on `n_val` validation examples; the lowest loss wins.
 
     Why: with rsLoRA the best lr moves with rank on every benchmark task (BENCHMARKS.md, "best
-    learning rate per rank"), and a probe reads every rank at one lr. The sweep's own curve at
-    one lr has the truth's shape only at the lr that wins near the decision, the middle ranks,
-    not at the probe's R. On the three swept tasks the first quarter at rank 8 already ranks
-    the lrs as the finished runs do.
+    learning rate per rank"), and a probe reads every rank at one lr. With `checkpoint_root`,
+    each lr's run leaves its checkpoint in `checkpoint_root/lr<lr>` and the result names the
+    winner's (`checkpoint_dir`): `train_lora(..., out_dir=that, resume=True)` with the same
+    config finishes it, so the pilot's winning quarter is not trained twice.
     """
     lrs = sorted(set(float(x) for x in lrs))
     stop = max(1, math.ceil(fraction * config.steps))
     sub = _subsample(val_examples, n_val, seed + 2)
     losses: dict[float, float] = {}
+    dirs: dict[float, Path | None] = {}
     t0 = time.time()
     for lr in lrs:
         cfg = replace(config, rank=rank, learning_rate=lr, eval_every=stop, seed=seed)
+        dirs[lr] = Path(checkpoint_root) / f"lr{lr:g}" if checkpoint_root is not None else None
         res = train_lora(model_factory, train_examples, sub, cfg, pad_token_id=pad_token_id,
-                         callbacks=[_StopAt(stop)], progress=progress)
+                         callbacks=[_StopAt(stop)], progress=progress, out_dir=dirs[lr])
         losses[lr] = res.final_val_loss if res.ok and math.isfinite(res.final_val_loss) \
             else math.inf
     best = min(lrs, key=lambda lr: (losses[lr], lr))
-    return {"learning_rate": best, "losses": {f"{lr:g}": v for lr, v in losses.items()},
-            "rank": rank, "steps_each": stop, "fraction": fraction, "n_val": len(sub),
-            "seconds": round(time.time() - t0, 2)}
+    pilot = {"learning_rate": best, "losses": {f"{lr:g}": v for lr, v in losses.items()},
+             "rank": rank, "steps_each": stop, "fraction": fraction, "n_val": len(sub),
+             "seconds": round(time.time() - t0, 2)}
+    if dirs[best] is not None and math.isfinite(losses[best]):
+        pilot["checkpoint_dir"] = str(dirs[best])
+    return pilot
 
 
 # ---------------------------------------------------------------------------- SVD variant
