@@ -156,7 +156,7 @@ def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_
     assert sorted(pilot["losses"]) == ["0.001", "0.01"] and pilot["steps_each"] == 2
     assert probe["details"]["learning_rate"] == pilot["learning_rate"]
     # the SVD probe pilots at its own rank and continues the winner: 8 steps in all, not 8 + 2
-    assert pilot["rank"] == 4 and pilot["continued"] is True
+    assert pilot["rank"] == 4 and pilot["read_at"] == 2 and pilot["continued"] is True
     assert probe["details"]["steps_done"] == 8
     assert any("chosen by a pilot" in n for n in probe["notes"])
 

@@ -421,8 +421,11 @@ def test_pilot_winner_continued_from_its_checkpoint_equals_a_run_from_scratch(tm
     cfg = replace(PROBE_CONFIG, steps=40, rank=4, eval_every=40)
     pilot = pick_learning_rate(base_factory, train, val, pad_token_id=0, config=cfg,
                                lrs=[2e-2, 1e-7], rank=4, n_val=32, progress=False,
-                               checkpoint_root=tmp_path)
-    assert pilot["learning_rate"] == 2e-2 and pilot["checkpoint_dir"].endswith("lr0.02")
+                               checkpoint_root=tmp_path, read_at=2)
+    # scored as the SVD probe reads it (truncated to rank 2, rotated in memory only)
+    assert pilot["learning_rate"] == 2e-2 and pilot["read_at"] == 2
+    assert pilot["losses"]["0.02"] < pilot["losses"]["1e-07"] - 0.05
+    assert pilot["checkpoint_dir"].endswith("lr0.02")
     winner = replace(cfg, learning_rate=2e-2)
     continued = train_lora(base_factory, train, val, winner, pad_token_id=0, progress=False,
                            out_dir=pilot["checkpoint_dir"], resume=True, return_model=True)

@@ -295,14 +295,17 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     pilot = None
     with tempfile.TemporaryDirectory(prefix="lorank-pilot-") as pilot_dir:
         if len(lrs) > 1:
-            # SVD: the curve is read off one plain run at R, so the pilot runs at R and the
-            # winner's run is continued; nested: every rank trains, the pilot runs mid-range
+            # SVD: the curve is read off one plain run at R, so the pilot runs at R, scores
+            # each lr by that run truncated to the middle rank (where the decision is made),
+            # and the winner's run is continued; nested: every rank trains, the pilot trains
+            # the middle rank itself
+            svd = method == "svd"
             pilot = pick_learning_rate(factory, prepared.train, prepared.val,
                                        pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
-                                       rank=max_rank if method == "svd" else pilot_rank(ranks),
+                                       rank=max_rank if svd else pilot_rank(ranks),
+                                       read_at=pilot_rank(ranks) if svd else None,
                                        seed=seed, progress=progress,
-                                       checkpoint_root=Path(pilot_dir) if method == "svd"
-                                       else None)
+                                       checkpoint_root=Path(pilot_dir) if svd else None)
             config = replace(config, learning_rate=pilot["learning_rate"])
         if method == "nested":
             result = nested_probe(factory, prepared.train, prepared.val,
@@ -342,9 +345,11 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         pilot["continued"] = bool(pilot.pop("checkpoint_dir", None))  # a temp dir, now gone
         evidence.details["lr_pilot"] = pilot
         tried = ", ".join(f"{k}: {v:.4f}" for k, v in pilot["losses"].items())
+        read = f", read truncated to rank {pilot['read_at']}" \
+            if pilot["read_at"] != pilot["rank"] else ""
         evidence.notes.append(f"learning rate {config.learning_rate:g} chosen by a pilot at rank "
-                              f"{pilot['rank']} ({pilot['steps_each']} steps each; val loss "
-                              f"{tried})")
+                              f"{pilot['rank']}{read} ({pilot['steps_each']} steps each; val "
+                              f"loss {tried})")
     if out is not None:
         ensure_writable(out)
         plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",

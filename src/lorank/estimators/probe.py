@@ -819,9 +819,11 @@ def pick_learning_rate(
     seed: int = 0,
     progress: bool = True,
     checkpoint_root: Path | None = None,
+    read_at: int | None = None,
 ) -> dict[str, Any]:
     """Pick the probe's learning rate: the first `fraction` of the recipe's schedule at `rank`
-    for each lr, scored on `n_val` validation examples; the lowest loss wins.
+    for each lr, scored on `n_val` validation examples; the lowest loss wins. With `read_at`,
+    each run is scored truncated by SVD to that rank: what the SVD probe will read there.
 
     Why: with rsLoRA the best lr moves with rank on every benchmark task (BENCHMARKS.md, "best
     learning rate per rank"), and a probe reads every rank at one lr. With `checkpoint_root`,
@@ -839,13 +841,19 @@ def pick_learning_rate(
         cfg = replace(config, rank=rank, learning_rate=lr, eval_every=stop, seed=seed)
         dirs[lr] = Path(checkpoint_root) / f"lr{lr:g}" if checkpoint_root is not None else None
         res = train_lora(model_factory, train_examples, sub, cfg, pad_token_id=pad_token_id,
-                         callbacks=[_StopAt(stop)], progress=progress, out_dir=dirs[lr])
-        losses[lr] = res.final_val_loss if res.ok and math.isfinite(res.final_val_loss) \
-            else math.inf
+                         callbacks=[_StopAt(stop)], progress=progress, out_dir=dirs[lr],
+                         return_model=read_at is not None)
+        loss = res.final_val_loss
+        if read_at is not None and res.ok:
+            curve = svd_truncation_curve(res.model, [read_at], sub, pad_token_id=pad_token_id,
+                                         batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                         seed=seed).curve
+            loss = next(iter(curve.values()))["loss"]
+        losses[lr] = loss if res.ok and math.isfinite(loss) else math.inf
     best = min(lrs, key=lambda lr: (losses[lr], lr))
     pilot = {"learning_rate": best, "losses": {f"{lr:g}": v for lr, v in losses.items()},
-             "rank": rank, "steps_each": stop, "fraction": fraction, "n_val": len(sub),
-             "seconds": round(time.time() - t0, 2)}
+             "rank": rank, "read_at": read_at or rank, "steps_each": stop,
+             "fraction": fraction, "n_val": len(sub), "seconds": round(time.time() - t0, 2)}
     if dirs[best] is not None and math.isfinite(losses[best]):
         pilot["checkpoint_dir"] = str(dirs[best])
     return pilot
