@@ -322,10 +322,9 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                                           pad_token_id=loaded.pad_token_id,
                                           train_examples=prepared.train,
                                           batch_size=batch_size, seed=seed)
+            result.steps_done = trained.steps_done  # the curve reads this run's adapter
     evidence = result.to_evidence()
     evidence.cost_seconds = time.perf_counter() - start
-    if method == "svd":
-        evidence.details["steps_done"] = trained.steps_done
     n_val = len(prepared.val)
     if method == "nested":
         run_parts = (result.wall_seconds - result.eval_seconds, result.steps_done,
