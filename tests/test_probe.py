@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from lorank.estimators.base import Evidence
 from lorank.estimators.probe import (
     NestedLoRA,
+    SVDCurveEvaluator,
     _rotate_to_svd_basis,
     _summarize,
     default_ranks,
@@ -268,6 +270,32 @@ def test_svd_truncation_finds_planted_rank(planted2):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # model restored
     assert res.to_evidence().name == "svd-probe"
+
+
+def test_svd_curve_as_the_runs_own_evaluation_equals_the_curve_read_afterwards(planted2):
+    """The SVD probe reads its curve as the run's last evaluation instead of scoring every
+    validation example at rank R first and the curve after: same numbers, one pass fewer."""
+    train, val = planted2
+    cfg = replace(PROBE_CONFIG, rank=8)
+    curve_eval = SVDCurveEvaluator([1, 2, 4, 8], val, pad_token_id=0, train_examples=train)
+    trained = train_lora(base_factory, train, val, cfg, pad_token_id=0, progress=False,
+                         evaluator=curve_eval, return_model=True)
+    inside = curve_eval.result
+    after = svd_truncation_curve(trained.model, [1, 2, 4, 8], val, pad_token_id=0,
+                                 train_examples=train)
+    assert inside.decision == after.decision == 2
+    for r in (1, 2, 4, 8):
+        assert inside.curve[r]["loss"] == pytest.approx(after.curve[r]["loss"], rel=1e-5)
+    # the run's loss is the top rank's, i.e. the adapter as trained
+    assert trained.final_val_loss == pytest.approx(inside.curve[8]["loss"], rel=1e-5)
+    # training loss is read only at ranks the race kept in full (the gap note needs no more)
+    n_full = max(c["n"] for c in inside.curve.values())
+    kept = [r for r, c in inside.curve.items() if c["n"] == n_full]
+    assert 8 in kept and 2 in kept
+    assert all(math.isfinite(inside.curve[r]["train_loss"]) for r in kept)
+    assert all(math.isnan(c["train_loss"]) for c in inside.curve.values() if c["n"] < n_full)
+    assert inside.scored == sum(c["n"] for c in inside.curve.values()) + \
+        len(kept) * inside.n_train_eval
 
 
 # ---------------------------------------------------------------------------- stop / resume

@@ -261,11 +261,11 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     import copy
 
     from lorank.estimators.probe import (
+        SVDCurveEvaluator,
         default_ranks,
         nested_probe,
         pick_learning_rate,
         pilot_rank,
-        svd_truncation_curve,
     )
     from lorank.report import plot_rank_curve
     from lorank.train import TrainConfig, train_lora
@@ -314,14 +314,18 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                                   progress=progress)
         else:
             resume_dir = pilot.get("checkpoint_dir") if pilot else None
+            # the run's one evaluation, at its last step, is the truncation curve itself
+            curve_eval = SVDCurveEvaluator(ranks, prepared.val, pad_token_id=loaded.pad_token_id,
+                                           train_examples=prepared.train,
+                                           batch_size=batch_size, seed=seed)
             trained = train_lora(factory, prepared.train, prepared.val, config,
                                  pad_token_id=loaded.pad_token_id, progress=progress,
-                                 return_model=True, out_dir=resume_dir,
+                                 evaluator=curve_eval, out_dir=resume_dir,
                                  resume=resume_dir is not None)
-            result = svd_truncation_curve(trained.model, ranks, prepared.val,
-                                          pad_token_id=loaded.pad_token_id,
-                                          train_examples=prepared.train,
-                                          batch_size=batch_size, seed=seed)
+            if curve_eval.result is None:
+                raise LorankError(f"svd probe: the rank-{max_rank} run failed "
+                                  f"({trained.status}); try a lower --lr")
+            result = curve_eval.result
             result.steps_done = trained.steps_done  # the curve reads this run's adapter
     evidence = result.to_evidence()
     evidence.cost_seconds = time.perf_counter() - start
@@ -330,11 +334,11 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         run_parts = (result.wall_seconds - result.eval_seconds, result.steps_done,
                      result.eval_seconds, result.scored)
     else:
-        # a run continued from the pilot scored the pilot's subsample at its first eval point
-        first = pilot["n_val"] if resume_dir is not None else n_val
+        # the run's eval seconds hold the curve (its last eval point) and, when continued from
+        # the pilot, the pilot's one truncated score of its subsample
+        first = pilot["n_val"] if resume_dir is not None else 0
         run_parts = (trained.wall_seconds - trained.eval_seconds, trained.steps_done,
-                     trained.eval_seconds + result.eval_seconds,
-                     first + (len(trained.curve) - 1) * n_val + result.scored)
+                     trained.eval_seconds, first + result.scored)
     evidence.details["cost"] = probe_cost(evidence.cost_seconds, *run_parts, steps=steps,
                                           n_val=n_val)
     evidence.details["budget"] = budget_text

@@ -464,7 +464,7 @@ def _summarize(
     lo, hi, picks = _bootstrap(L, full, n_boot=n_boot, seed=seed)
     curve: dict[int, dict[str, float]] = {}
     for r in ranks:
-        tr = float(np.nanmean(train[r])) if train is not None else math.nan
+        tr = float(np.nanmean(train[r])) if train is not None and r in train else math.nan
         v = L[full.index(r)] if r in full else np.asarray(val[r])[np.isfinite(val[r])]
         n = len(v)
         mean, se = float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
@@ -840,15 +840,14 @@ def pick_learning_rate(
     for lr in lrs:
         cfg = replace(config, rank=rank, learning_rate=lr, eval_every=stop, seed=seed)
         dirs[lr] = Path(checkpoint_root) / f"lr{lr:g}" if checkpoint_root is not None else None
+        # with read_at, the run's one evaluation is the truncated adapter's loss itself
+        evaluator = None if read_at is None else SVDCurveEvaluator(
+            [read_at], sub, pad_token_id=pad_token_id,
+            batch_size=cfg.eval_batch_size or cfg.batch_size, seed=seed)
         res = train_lora(model_factory, train_examples, sub, cfg, pad_token_id=pad_token_id,
                          callbacks=[_StopAt(stop)], progress=progress, out_dir=dirs[lr],
-                         return_model=read_at is not None)
+                         evaluator=evaluator)
         loss = res.final_val_loss
-        if read_at is not None and res.ok:
-            curve = svd_truncation_curve(res.model, [read_at], sub, pad_token_id=pad_token_id,
-                                         batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                         seed=seed).curve
-            loss = next(iter(curve.values()))["loss"]
         losses[lr] = loss if res.ok and math.isfinite(loss) else math.inf
     best = min(lrs, key=lambda lr: (losses[lr], lr))
     pilot = {"learning_rate": best, "losses": {f"{lr:g}": v for lr, v in losses.items()},
@@ -926,8 +925,11 @@ def svd_truncation_curve(
                 return per_example_losses(peft_model, examples, pad_token_id, batch_size)
 
         val = race_ranks(losses_of, ranks, val_examples)
+        # training loss only where the decision is made (ranks the race kept): the notes
+        # compare the train/validation gap at the decision and at r_max, both among them
         sub = _subsample(train_examples or [], n_train_eval, seed)
-        train = {r: losses_of(r, sub) for r in ranks} if sub else None
+        n_full = max(len(v) for v in val.values())
+        train = {r: losses_of(r, sub) for r in ranks if len(val[r]) == n_full} if sub else None
     finally:
         nested.detach()
         with torch.no_grad():
@@ -950,3 +952,26 @@ def svd_truncation_curve(
         config={"lora_alpha": alpha, "use_rslora": use_rslora, "max_rank": max_rank},
         **summary,
     )
+
+
+class SVDCurveEvaluator:
+    """A `train_lora` evaluator that reads the SVD truncation curve at its eval point, so the
+    run's own evaluation *is* the probe's curve (no separate pass of every validation example
+    at rank R first). The run's reported loss is the last candidate rank's; the full
+    `ProbeResult` of the latest eval point is kept in `result`."""
+
+    def __init__(self, ranks: Sequence[int], val_examples: Sequence[dict], *, pad_token_id: int,
+                 train_examples: Sequence[dict] | None = None, batch_size: int = 8,
+                 n_train_eval: int = 32, seed: int = 0):
+        self.ranks = list(ranks)
+        self.val_examples = val_examples
+        self.kwargs = {"pad_token_id": pad_token_id, "train_examples": train_examples,
+                       "batch_size": batch_size, "n_train_eval": n_train_eval, "seed": seed}
+        self.result: ProbeResult | None = None
+
+    def __call__(self, model: nn.Module, step: int) -> EvalPoint:
+        self.result = svd_truncation_curve(model, self.ranks, self.val_examples, **self.kwargs)
+        top = self.result.val_losses[self.result.ranks[-1]]
+        return EvalPoint(val_loss=float(np.nanmean(top)), per_example=list(top),
+                         message=f"svd curve: r={self.result.decision}")
+
