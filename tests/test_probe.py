@@ -373,12 +373,14 @@ def test_monitoring_subsample_steers_early_stop_and_the_final_curve_uses_all(tmp
 
 
 def test_racing_stops_clearly_worse_ranks_early_and_keeps_the_decision():
-    """Rank 1 is far worse (stops after the first prefix), rank 2 is within tolerance of the
-    best and must be scored on every example, rank 8 (r_max) always is; the decision is the
-    one scoring everything would give, for fewer scored (example, rank) pairs."""
+    """Rank 1 is far worse (stops after the first prefix, an eighth), rank 2 is within
+    tolerance of the best and must be scored on every example, rank 8 (r_max) always is; the
+    decision is the one scoring everything would give, for fewer scored (example, rank) pairs.
+    Rank 4 is within tolerance too, but once rank 2 is clearly within it (with a margin), rank 4
+    cannot be the decision and, not being the best, stops as well."""
     rng = np.random.default_rng(0)
     base = rng.gamma(2.0, 1.0, size=400)
-    level = {1: 1.5, 2: 1.002, 4: 1.0, 8: 1.0}
+    level = {1: 1.5, 2: 1.002, 4: 1.001, 8: 1.0}
     losses = {r: base * level[r] + rng.normal(0, 0.01, 400) for r in level}
     examples = [{"i": i} for i in range(400)]
     calls = []
@@ -387,20 +389,28 @@ def test_racing_stops_clearly_worse_ranks_early_and_keeps_the_decision():
         calls.append((r, len(chunk)))
         return losses[r][[e["i"] for e in chunk]]
 
+    losers_only = race_ranks(losses_of, [1, 2, 4, 8], examples, stop_above_answer=False)
+    assert len(losers_only[1]) == 50  # dropped after the first eighth
+    assert all(len(losers_only[r]) == 400 for r in (2, 4, 8))
+    assert sum(n for _, n in calls) == 50 + 3 * 400
+    calls.clear()
     raced = race_ranks(losses_of, [1, 2, 4, 8], examples)
-    assert len(raced[1]) == 100  # dropped after the first quarter
-    assert all(len(raced[r]) == 400 for r in (2, 4, 8))
-    assert sum(n for _, n in calls) == 100 + 3 * 400
-    decision, _, _ = smallest_within_tolerance({r: raced[r] for r in (2, 4, 8)})
+    assert len(raced[1]) == 50 and len(raced[2]) == len(raced[8]) == 400
+    assert smallest_within_tolerance(losses)[2]["best_rank"] == 8
+    assert len(raced[4]) < 400  # when it stops depends on which rank leads on the prefix
+    assert sum(n for _, n in calls) == 50 + len(raced[4]) + 2 * 400
+    survivors = [r for r in raced if len(raced[r]) == 400]
+    decision, _, _ = smallest_within_tolerance({r: raced[r] for r in survivors})
     assert decision == smallest_within_tolerance(losses)[0] == 2
     summary = _summarize("svd", [1, 2, 4, 8], raced, None, n_boot=50, seed=0)
-    assert summary["decision"] == 2 and summary["curve"][1]["n"] == 100
-    assert summary["decision_details"]["per_rank"][1]["raced_out_after"] == 100
+    assert summary["decision"] == 2 and summary["curve"][1]["n"] == 50
+    assert summary["decision_details"]["per_rank"][1]["raced_out_after"] == 50
     assert summary["rank_distribution"][1] == 0.0
     # losses already known for a prefix (the nested probe's last monitoring pass) are reused
     calls.clear()
     known = {r: losses[r][:64] for r in level}
-    again = race_ranks(losses_of, [1, 2, 4, 8], examples, known=known)
+    again = race_ranks(losses_of, [1, 2, 4, 8], examples, known=known,
+                       stop_above_answer=False)
     assert len(again[1]) == 64 and not [n for r, n in calls if r == 1]
     assert sum(n for r, n in calls if r == 4) == 400 - 64
     assert np.array_equal(again[4], losses[4])

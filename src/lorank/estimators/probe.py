@@ -47,10 +47,15 @@ from lorank.train import (
 
 # ---------------------------------------------------------------------------- decision rule
 
-# Racing the final curve: prefixes of the validation set at which clearly worse ranks stop,
-# and how many extra standard errors "clearly" asks for beyond the decision rule's tolerance.
-RACE_FRACTIONS = (0.25, 0.5)
+# Racing the final curve: prefixes of the validation set at which ranks that cannot change the
+# decision stop, how many extra standard errors "clearly" asks for beyond the decision rule's
+# tolerance, and the fewest examples a prefix needs before anything is judged on it.
+# Replayed on the 24 complete single-lr curves of the five swept tasks (per-example losses in
+# sweep.json; benchmarks/race_replay.py), (1/8, 1/4, 1/2) with both stopping rules scores 66%
+# of the full curves' pairs ((1/4, 1/2) and clear losers only: 76%); no decision changes.
+RACE_FRACTIONS = (0.125, 0.25, 0.5)
 RACE_MARGIN_SE = 2.0
+RACE_MIN_PREFIX = 16
 
 
 def smallest_within_tolerance(
@@ -131,16 +136,20 @@ def race_ranks(
     rel_tol: float = 0.01,
     n_se: float = 2.0,
     margin_se: float = RACE_MARGIN_SE,
+    stop_above_answer: bool = True,
 ) -> dict[int, np.ndarray]:
-    """Score every rank on growing prefixes of `examples`, dropping ranks that are already
-    clearly outside tolerance, so a curve of k ranks costs less than k full evaluations.
+    """Score every rank on growing prefixes of `examples`, dropping ranks that can no longer
+    change the decision, so a curve of k ranks costs less than k full evaluations.
 
-    After each prefix, a rank stops when its paired gap to the current best minus
-    `margin_se` standard errors still exceeds the decision rule's tolerance: such a rank can
-    be neither the decision nor the best. Survivors are scored on every example (the decision
-    is theirs, paired as before); a dropped rank keeps the losses of the prefix it reached.
-    The largest rank is always scored in full: the notes on the curve's shape (still falling,
-    overfitting) compare against it.
+    After each prefix (of at least `RACE_MIN_PREFIX` examples), two kinds of rank stop:
+    - clearly outside: its paired gap to the current best minus `margin_se` standard errors
+      still exceeds the decision rule's tolerance (neither the decision nor the best);
+    - above a clear answer: a smaller rank (not the best itself) is within tolerance even
+      with `margin_se` standard errors added to its gap, so the decision is that rank or a
+      smaller one, and the margin absorbs the small shifts of the best's loss still to come.
+    The current best and the largest rank are never stopped (the notes on the curve's shape,
+    still falling or overfitting, compare against it). Survivors are scored on every example
+    (the decision is theirs, paired as before); a dropped rank keeps its prefix's losses.
     `known` holds losses already measured on the first examples (the nested probe's last
     monitoring pass), in the order of `examples`.
     """
@@ -150,12 +159,18 @@ def race_ranks(
     cuts = sorted({c for c in (int(round(f * n)) for f in fractions) if start < c < n} | {n})
     alive = list(ranks)
     for cut in cuts:
-        if start > 1:  # the decision rule on the prefix, with a margin
+        if start >= RACE_MIN_PREFIX:  # the decision rule on the prefix, with a margin
             _, _, details = smallest_within_tolerance({r: got[r] for r in alive},
                                                       rel_tol=rel_tol, n_se=n_se)
-            for r, d in details["per_rank"].items():
-                keep = r in (details["best_rank"], ranks[-1])  # r_max anchors the curve's shape
-                if not keep and d["diff"] - margin_se * d["se_diff"] > d["tol"]:
+            per_rank = details["per_rank"]
+            best = details["best_rank"]
+            clear = [r for r, d in per_rank.items()
+                     if r != best and d["diff"] + margin_se * d["se_diff"] <= d["tol"]]
+            answer = min(clear, default=math.inf) if stop_above_answer else math.inf
+            for r, d in per_rank.items():
+                if r in (best, ranks[-1]):  # r_max anchors the curve's shape
+                    continue
+                if d["diff"] - margin_se * d["se_diff"] > d["tol"] or r > answer:
                     alive.remove(r)
         chunk = examples[start:cut]
         for r in alive:
