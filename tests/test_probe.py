@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -465,8 +466,18 @@ def test_pilot_winner_continued_from_its_checkpoint_equals_a_run_from_scratch(tm
     assert pilot["losses"]["0.02"] < pilot["losses"]["1e-07"] - 0.05
     assert pilot["checkpoint_dir"].endswith("lr0.02")
     winner = replace(cfg, learning_rate=2e-2)
-    continued = train_lora(base_factory, train, val, winner, pad_token_id=0, progress=False,
-                           out_dir=pilot["checkpoint_dir"], resume=True, return_model=True)
+    heard = []
+    listener = logging.Handler()
+    listener.emit = heard.append
+    logging.getLogger("transformers.trainer_utils").addHandler(listener)
+    try:
+        continued = train_lora(base_factory, train, val, winner, pad_token_id=0,
+                               progress=False, out_dir=pilot["checkpoint_dir"], resume=True,
+                               return_model=True)
+    finally:
+        logging.getLogger("transformers.trainer_utils").removeHandler(listener)
+    # saved every 10 steps by the pilot, continued at its own cadence on purpose: no warning
+    assert not [r for r in heard if "trainer_state.json" in r.getMessage()]
     scratch = train_lora(base_factory, train, val, winner, pad_token_id=0, progress=False,
                          return_model=True)
     assert continued.steps_done == scratch.steps_done == 40

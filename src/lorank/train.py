@@ -19,6 +19,7 @@ drift with rank. Whatever rule trained the evidence is the rule the exported con
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -509,6 +510,17 @@ def build_peft_model(
     with warnings.catch_warnings():  # peft asks the model a deprecated question; not ours
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         return get_peft_model(model, peft_config or config.lora_config())
+
+
+class _ResumeCadenceFilter(logging.Filter):
+    """Drops transformers' warning that a checkpoint was saved with other `save_steps`: lorank
+    continues the probe's pilot run (saved at a quarter) with its own cadence on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "do not match the ones in the `trainer_state.json`" not in record.getMessage()
+
+
+logging.getLogger("transformers.trainer_utils").addFilter(_ResumeCadenceFilter())
 
 
 def train_lora(
