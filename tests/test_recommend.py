@@ -17,6 +17,26 @@ def test_local_directory_loads(tiny_llama_dir):
     assert loaded.task == "causal" and loaded.pad_token_id == 0
 
 
+def test_new_classification_head_depends_on_the_seed_only(tiny_bert_dir):
+    """The head the checkpoint lacks is drawn from `seed`, whatever the process's RNG did
+    before: two sweep workers must train the same model."""
+    import torch
+
+    def head(seed: int):
+        return load_model(str(tiny_bert_dir), task="classification", num_labels=3,
+                          seed=seed).model.classifier.weight.detach().clone()
+
+    torch.manual_seed(123)
+    first = head(0)
+    torch.rand(1000)  # a different global RNG state
+    assert torch.equal(first, head(0))
+    assert not torch.equal(first, head(1))
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(1000)
+    assert torch.equal(after, torch.rand(1))  # loading left the global RNG alone
+
+
 def test_unknown_model_lists_aliases():
     with pytest.raises(LorankError, match="not found.*smollm2-135m, minilm-l6"):
         resolve_source("no-such-model")

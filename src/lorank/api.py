@@ -59,7 +59,7 @@ def prepare_inputs(model: str | LoadedModel, data: str | Path, *, fmt: str | Non
             num_labels = len(data_mod.label_vocabulary(records + extra))
         model = load_model(model, task="classification" if fmt == "classification" else None,
                            num_labels=num_labels, dtype=dtype, device=device,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, seed=seed)
     if (fmt == "classification") != (model.task == "classification"):
         raise LorankError(f"{data}: format {fmt} does not fit a {model.task} model "
                           f"({model.source}); classification data needs an encoder/classifier")

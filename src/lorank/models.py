@@ -157,8 +157,13 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load model and tokenizer; `task` is 'causal' or 'classification' (default per model)."""
+    """Load model and tokenizer; `task` is 'causal' or 'classification' (default per model).
+
+    Weights the checkpoint lacks (a classification head) are initialized from `seed`, inside a
+    forked RNG: otherwise every process, e.g. each sweep worker, would start from its own head.
+    """
     directory, gguf_file, default_task = resolve_source(source)
     if gguf_file is not None:
         directory = _dequantized_gguf(directory, gguf_file)
@@ -173,9 +178,11 @@ def load_model(
     if task == "classification":
         if not num_labels:
             raise LorankError("classification needs the number of labels (from the data)")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=num_labels, **kwargs
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory, num_labels=num_labels, **kwargs
+            )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
