@@ -161,6 +161,30 @@ def test_run_bench_writes_tables(tmp_path):
     assert "| fixed r=8 |" in text and (tmp_path / "toy" / "bench.png").exists()
 
 
+def test_an_incomplete_sweep_is_listed_not_scored(tmp_path):
+    """A worker that stops early still writes sweep.json; its partial curve must not become
+    the truth (here rank 16 has no run, rank 8 one seed)."""
+    from lorank.sweep import rank_loss_curve
+
+    task = fake_sweep(tmp_path)
+    sweep = json.loads((task / "sweep.json").read_text())
+    sweep["trials"] = [t for t in sweep["trials"]
+                       if t["rank"] != 16 and not (t["rank"] == 8 and t["seed"] == 1)]
+    sweep["curve"] = {str(k): v for k, v in rank_loss_curve(sweep["trials"]).items()}
+    (task / "sweep.json").write_text(json.dumps(sweep))
+    gap = bench.sweep_gap(sweep)
+    assert "no finished run at rank 16" in gap and "seeds at the best lr of rank 8" in gap
+    with pytest.raises(LorankError, match="no sweep is complete yet.*toy"):
+        bench.run_bench(tmp_path)
+    other = tmp_path / "other"
+    fake_sweep(other)
+    (other / "toy").rename(tmp_path / "whole")
+    scored = bench.run_bench(tmp_path)
+    assert [s["task"] for s in scored] == ["whole"]
+    text = bench.markdown_tables(scored, tmp_path)
+    assert "Not scored yet, its sweep is incomplete: toy (no finished run at rank 16" in text
+
+
 def test_no_sweep_is_one_clear_error(tmp_path):
     with pytest.raises(LorankError, match="no task has sweep.json"):
         bench.run_bench(tmp_path)

@@ -312,12 +312,39 @@ def _task_info(task_dir: Path) -> dict[str, Any]:
     return {"name": task_dir.name}
 
 
+def sweep_gap(sweep: dict[str, Any]) -> str | None:
+    """Why a sweep cannot be ground truth yet (None when it can): a rank of its grid with no
+    finished run, or whose best lr has fewer seeds than the grid. A worker that stops early
+    still writes sweep.json; scoring its partial curve would judge methods by a wrong r*."""
+    spec = sweep.get("spec") or {}
+    n_seeds = len(spec.get("seeds") or [])
+    curve = {int(r): row for r, row in (sweep.get("curve") or {}).items() if row}
+    missing = [r for r in spec.get("ranks") or [] if r not in curve]
+    thin = [r for r in spec.get("ranks") or [] if r in curve and curve[r].get("seeds", 0) < n_seeds]
+    parts = ([f"no finished run at rank {', '.join(map(str, missing))}"] if missing else []) + \
+        ([f"fewer than {n_seeds} seeds at the best lr of rank {', '.join(map(str, thin))}"]
+         if thin else [])
+    return "; ".join(parts) or None
+
+
+def pending_tasks(results: Path) -> dict[str, str]:
+    """Tasks whose sweep.json exists but is not ground truth yet, with the reason."""
+    return {p.name: gap for p in sorted(Path(results).iterdir())
+            if (p / "sweep.json").exists() and (gap := sweep_gap(load_sweep(p)))}
+
+
 def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]:
-    """Score every task under `results` and write BENCHMARKS tables, JSON and plots."""
+    """Score every task under `results` whose sweep is complete (see `sweep_gap`) and write
+    BENCHMARKS tables, JSON and plots."""
     results = Path(results)
-    tasks = sorted(p for p in results.iterdir() if (p / "sweep.json").exists())
-    if not tasks:
+    swept = sorted(p for p in results.iterdir() if (p / "sweep.json").exists())
+    if not swept:
         raise LorankError(f"{results}: no task has sweep.json yet")
+    pending = pending_tasks(results)
+    tasks = [p for p in swept if p.name not in pending]
+    if not tasks:
+        raise LorankError(f"{results}: no sweep is complete yet ("
+                          + "; ".join(f"{k}: {v}" for k, v in pending.items()) + ")")
     scored = [score_task(t) for t in tasks]
     for s, t in zip(scored, tasks, strict=True):
         sweep = load_sweep(t)
@@ -356,6 +383,8 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
         lines.append(f"| {o['method']} | {o['tasks']} | {o['mean_regret']:.2%} | "
                      f"{o['worst_regret']:.2%} | {o['within_tol']}/{o['tasks']} | "
                      f"{o['mean_waste']:.2f} | {o['mean_cost']:.3f} |")
+    for name, gap in pending_tasks(results).items():
+        lines += ["", f"Not scored yet, its sweep is incomplete: {name} ({gap})."]
     for s in scored:
         t = s["truth"]
         lines += ["", f"## {s['task']}", "",
