@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lorank.api import versions
-from lorank.estimators.probe import race_ranks, smallest_within_tolerance
+from lorank.estimators.probe import race_ranks, raced_survivors, smallest_within_tolerance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
@@ -54,9 +54,8 @@ def main() -> dict:
             examples = list(range(n))
             raced = race_ranks(lambda r, chunk, full=full: full[r][chunk], ranks, examples,
                                **kwargs)
-            n_full = max(len(v) for v in raced.values())
             decision = smallest_within_tolerance(
-                {r: v for r, v in raced.items() if len(v) == n_full})[0]
+                {r: raced[r] for r in raced_survivors(raced)})[0]
             changed += decision != smallest_within_tolerance(full)[0]
             pairs += sum(len(v) for v in raced.values())
             total += len(ranks) * n

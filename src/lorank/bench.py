@@ -317,13 +317,15 @@ def sweep_gap(sweep: dict[str, Any]) -> str | None:
     finished run, or whose best lr has fewer seeds than the grid. A worker that stops early
     still writes sweep.json; scoring its partial curve would judge methods by a wrong r*."""
     spec = sweep.get("spec") or {}
-    n_seeds = len(spec.get("seeds") or [])
+    ranks, n_seeds = spec.get("ranks") or [], len(spec.get("seeds") or [])
     curve = {int(r): row for r, row in (sweep.get("curve") or {}).items() if row}
-    missing = [r for r in spec.get("ranks") or [] if r not in curve]
-    thin = [r for r in spec.get("ranks") or [] if r in curve and curve[r].get("seeds", 0) < n_seeds]
-    parts = ([f"no finished run at rank {', '.join(map(str, missing))}"] if missing else []) + \
-        ([f"fewer than {n_seeds} seeds at the best lr of rank {', '.join(map(str, thin))}"]
-         if thin else [])
+    missing = [str(r) for r in ranks if r not in curve]
+    thin = [str(r) for r in ranks if r in curve and curve[r].get("seeds", 0) < n_seeds]
+    parts = []
+    if missing:
+        parts.append(f"no finished run at rank {', '.join(missing)}")
+    if thin:
+        parts.append(f"fewer than {n_seeds} seeds at the best lr of rank {', '.join(thin)}")
     return "; ".join(parts) or None
 
 

@@ -179,6 +179,12 @@ def race_ranks(
     return got
 
 
+def raced_survivors(losses: dict[int, Sequence[float]]) -> list[int]:
+    """Ranks `race_ranks` scored on every example (the decision is theirs), in rank order."""
+    n_full = max(len(v) for v in losses.values())
+    return [r for r in sorted(losses) if len(losses[r]) == n_full]
+
+
 # ---------------------------------------------------------------------------- nested LoRA
 
 
@@ -471,8 +477,7 @@ def _summarize(
     Ranks raced out early (`race_ranks`: fewer losses than the others) keep their prefix's
     mean and SE with a normal interval; the decision and the bootstrap are the survivors'.
     """
-    n_full = max(len(val[r]) for r in ranks)
-    full = [r for r in ranks if len(val[r]) == n_full]
+    full = raced_survivors({r: val[r] for r in ranks})
     decision, tol, details = smallest_within_tolerance({r: val[r] for r in full})
     L = np.vstack([val[r] for r in full])
     L = L[:, np.all(np.isfinite(L), axis=0)]
@@ -943,8 +948,7 @@ def svd_truncation_curve(
         # training loss only where the decision is made (ranks the race kept): the notes
         # compare the train/validation gap at the decision and at r_max, both among them
         sub = _subsample(train_examples or [], n_train_eval, seed)
-        n_full = max(len(v) for v in val.values())
-        train = {r: losses_of(r, sub) for r in ranks if len(val[r]) == n_full} if sub else None
+        train = {r: losses_of(r, sub) for r in raced_survivors(val)} if sub else None
     finally:
         nested.detach()
         with torch.no_grad():
