@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,15 @@ import pytest
 from conftest import write_jsonl
 
 from lorank.errors import LorankError
-from lorank.sweep import FINISHED, open_study, parse_list, rank_loss_curve, recover_interrupted
+from lorank.sweep import (
+    FINISHED,
+    open_study,
+    parse_list,
+    pop_trial,
+    rank_loss_curve,
+    recover_interrupted,
+    storage_url,
+)
 
 GRID = ["--ranks", "1,2,4", "--lrs", "1e-3,3e-3", "--seeds", "0"]
 
@@ -111,6 +120,39 @@ def test_recovery_spares_a_worker_that_starts_meanwhile(tmp_path, monkeypatch):
         assert [t.state for t in listing()] == [optuna.trial.TrialState.FAIL]
     finally:
         other.kill()
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_two_workers_never_pop_the_same_waiting_trial(tmp_path, monkeypatch, locked):
+    """The CI failure: SQLite ignores SELECT ... FOR UPDATE, so two workers reading a waiting
+    trial at once both set it running and both run it. Interleave two pops at that point: with
+    the host lock each trial is popped once; without it (the control) the race is real."""
+    url = storage_url(tmp_path, None)
+    open_study(tmp_path, None, prune=False).enqueue_trial({"rank": 1, "lr": 1e-3, "seed": 0})
+    read_waiting = [threading.Event(), threading.Event()]
+    check = optuna.storages.BaseStorage.check_trial_is_updatable
+
+    def check_then_wait(self, trial_id, state):  # runs between reading the row and writing it
+        if state == optuna.trial.TrialState.WAITING:
+            me = int(threading.current_thread().name)
+            read_waiting[me].set()
+            read_waiting[1 - me].wait(timeout=1.5)  # the other worker reads meanwhile, if it can
+        return check(self, trial_id, state)
+
+    monkeypatch.setattr(optuna.storages.BaseStorage, "check_trial_is_updatable", check_then_wait)
+    popped: list[int] = []
+
+    def worker() -> None:
+        study = open_study(tmp_path, None, prune=False)
+        trial = pop_trial(study, url, tmp_path) if locked else study.ask()
+        popped.append(trial._trial_id)
+
+    threads = [threading.Thread(target=worker, name=str(i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(set(popped)) == 2) is locked, popped
 
 
 def test_parse_list_errors():

@@ -71,14 +71,19 @@ def parse_list(text: str, kind: type, name: str) -> list:
     return values
 
 
+def storage_url(out: Path, storage: str | None) -> str:
+    """The study's storage: `storage` if given, else SQLite in the output directory."""
+    return storage or f"sqlite:///{Path(out).resolve() / 'sweep.db'}"
+
+
 def open_study(out: Path, storage: str | None, prune: bool) -> optuna.Study:
     """Create or load the study; an unusable storage URL is one clear error."""
-    url = storage or f"sqlite:///{Path(out).resolve() / 'sweep.db'}"
+    url = storage_url(out, storage)
     pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
               if prune else optuna.pruners.NopPruner())
     for attempt in range(6):  # workers starting together race to create the schema
         try:
-            with _schema_lock(url, out):
+            with host_lock(url, out):
                 rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
                 return optuna.create_study(study_name=STUDY_NAME, storage=rdb,
                                            load_if_exists=True, direction="minimize",
@@ -95,8 +100,11 @@ def open_study(out: Path, storage: str | None, prune: bool) -> optuna.Study:
 
 
 @contextlib.contextmanager
-def _schema_lock(url: str, out: Path):
-    """Serialize schema creation between workers on this host (SQLite has no DDL locking)."""
+def host_lock(url: str, out: Path):
+    """Serialize a read-then-write between this host's workers when the storage is SQLite:
+    it has no DDL locking (schema creation) and ignores SELECT ... FOR UPDATE, so two workers
+    could both pop the same waiting trial in `study.ask()` and run it twice (seen in CI).
+    Other databases lock the row themselves."""
     if not url.startswith("sqlite:///"):
         yield
         return
@@ -216,6 +224,12 @@ def _finish(study: optuna.Study, trial_id: int, record: dict[str, Any]) -> None:
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
 
+def pop_trial(study: optuna.Study, url: str, out: Path) -> optuna.Trial:
+    """`study.ask()` under the host lock, so that each waiting trial is popped once."""
+    with host_lock(url, out):
+        return study.ask()
+
+
 def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
     """Enqueue every grid point that has no finished, running or waiting trial."""
     covered = set()
@@ -296,13 +310,13 @@ def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict
     worker = register_worker(out)
     try:
         return _work(study, spec, out, model_factory, train_examples, val_examples,
-                     pad_token_id, max_trials, progress)
+                     pad_token_id, max_trials, progress, storage_url(out, storage))
     finally:
         worker.unlink(missing_ok=True)
 
 
 def _work(study, spec, out, model_factory, train_examples, val_examples, pad_token_id,
-          max_trials, progress) -> SweepResult:
+          max_trials, progress, url) -> SweepResult:
     recover_interrupted(study, out)
     enqueue_missing(study, spec)
     start, done_here = time.time(), 0
@@ -313,7 +327,7 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
         while max_trials is None or done_here < max_trials:
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 break
-            trial = study.ask()
+            trial = pop_trial(study, url, out)
             point = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
             if point is None:  # the queue emptied under us: this trial was sampled, not popped
                 trial.set_user_attr("status", "spurious: queue was empty")
@@ -358,7 +372,10 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
     path = _result_path(out, point)
     path.parent.mkdir(exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))
-    _finish(study, trial._trial_id, record)
+    try:
+        _finish(study, trial._trial_id, record)
+    except optuna.exceptions.UpdateFinishedTrialError:  # settled meanwhile by another worker
+        pass  # (its stored answer stands; the result file holds this run's identical record)
 
 
 def _n_finished(study: optuna.Study) -> int:
