@@ -374,8 +374,8 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
     atomic_write_text(path, json.dumps(record, indent=1))
     try:
         _finish(study, trial._trial_id, record)
-    except optuna.exceptions.UpdateFinishedTrialError:  # settled meanwhile by another worker
-        pass  # (its stored answer stands; the result file holds this run's identical record)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # settled meanwhile by another worker's recovery, as `evaluator.lost` above
 
 
 def _n_finished(study: optuna.Study) -> int:
