@@ -46,8 +46,9 @@ class SweepSpec:
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
 
     def grid(self) -> list[dict[str, Any]]:
+        """Seed-major: a sweep stopped part-way already has a whole rank-loss curve at seed 0."""
         return [{"rank": r, "lr": lr, "seed": s}
-                for r in self.ranks for lr in self.lrs for s in self.seeds]
+                for s in self.seeds for r in self.ranks for lr in self.lrs]
 
     def config(self, point: dict[str, Any]) -> TrainConfig:
         return TrainConfig.from_dict({**self.recipe, "rank": point["rank"],
