@@ -417,6 +417,21 @@ def test_racing_stops_clearly_worse_ranks_early_and_keeps_the_decision():
     assert np.array_equal(again[4], losses[4])
 
 
+def test_a_raced_out_rank_is_placed_by_its_paired_gap_not_its_prefix_mean():
+    """The first examples are the easy ones: rank 1's prefix mean (scored on 50 of them) sits
+    below the best rank's mean over all 400, yet rank 1 is worse on every example by 0.5."""
+    rng = np.random.default_rng(1)
+    base = np.sort(rng.gamma(2.0, 1.0, size=400))  # easy examples first
+    losses = {1: base + 0.5, 2: base + 0.001, 4: base}
+    raced = {1: losses[1][:50], 2: losses[2], 4: losses[4]}
+    summary = _summarize("svd", [1, 2, 4], raced, None, n_boot=50, seed=0)
+    curve, per = summary["curve"], summary["decision_details"]["per_rank"]
+    assert losses[1][:50].mean() < losses[4].mean()  # the trap: the prefix alone looks best
+    assert curve[1]["loss"] == pytest.approx(losses[4].mean() + 0.5)
+    assert per[1]["diff"] == pytest.approx(0.5) and per[1]["raced_out_after"] == 50
+    assert curve[1]["se"] >= curve[4]["se"] > 0
+
+
 def test_monitoring_is_skipped_when_it_costs_more_than_it_can_save():
     """format-json's recipe (26 steps x 8, 7 ranks, 64 monitored examples, 4 eval points):
     monitoring ~600 example-units against at most ~146 saved; wordnet-lexname's (150 x 32)

@@ -474,27 +474,39 @@ def _summarize(
 ) -> dict[str, Any]:
     """Curve (mean, SE, bootstrap interval, train loss), decision, bootstrap rank spread, notes.
 
-    Ranks raced out early (`race_ranks`: fewer losses than the others) keep their prefix's
-    mean and SE with a normal interval; the decision and the bootstrap are the survivors'.
+    Ranks raced out early (`race_ranks`: fewer losses than the others) are placed on the
+    survivors' scale by their paired gap to the best rank on their prefix (the best's mean
+    over all examples plus that gap, SE of the gap): a prefix mean alone is not comparable
+    (an easy prefix can sit below the best's full mean). The decision and the bootstrap are
+    the survivors'.
     """
     full = raced_survivors({r: val[r] for r in ranks})
     decision, tol, details = smallest_within_tolerance({r: val[r] for r in full})
     L = np.vstack([val[r] for r in full])
     L = L[:, np.all(np.isfinite(L), axis=0)]
     lo, hi, picks = _bootstrap(L, full, n_boot=n_boot, seed=seed)
+    best = details["best_rank"]
     curve: dict[int, dict[str, float]] = {}
     for r in ranks:
         tr = float(np.nanmean(train[r])) if train is not None and r in train else math.nan
-        v = L[full.index(r)] if r in full else np.asarray(val[r])[np.isfinite(val[r])]
-        n = len(v)
-        mean, se = float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        bounds = ((lo[full.index(r)], hi[full.index(r)]) if r in full
-                  else (mean - 1.96 * se, mean + 1.96 * se))
+        if r in full:
+            v = L[full.index(r)]
+            n, mean, se = len(v), float(v.mean()), curve_se(v)
+            bounds = lo[full.index(r)], hi[full.index(r)]
+        else:  # outside tolerance with margin on its prefix: not a candidate
+            mine = np.asarray(val[r], np.float64)
+            gap = mine - np.asarray(val[best], np.float64)[: len(mine)]
+            gap = gap[np.isfinite(gap)]
+            n = len(gap)
+            diff = float(gap.mean()) if n else math.nan
+            mean = details["min_loss"] + diff
+            se_gap = float(gap.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+            se = math.hypot(se_gap, curve_se(L[full.index(best)]))
+            bounds = mean - 1.96 * se, mean + 1.96 * se
+            details["per_rank"][r] = {"loss": mean, "diff": diff, "se_diff": se_gap,
+                                      "within": False, "raced_out_after": n}
         curve[r] = {"loss": mean, "se": se, "lo": float(bounds[0]), "hi": float(bounds[1]),
                     "n": n, "train_loss": tr, "gap": mean - tr}
-        if r not in full:  # outside tolerance with margin on its prefix: not a candidate
-            details["per_rank"][r] = {"loss": mean, "diff": mean - details["min_loss"],
-                                      "within": False, "raced_out_after": n}
     details["per_rank"] = dict(sorted(details["per_rank"].items()))
     dist = {r: float(np.mean(picks == r)) if r in full else 0.0 for r in ranks}
     interval = (
@@ -504,7 +516,7 @@ def _summarize(
 
     notes = []
     per = details["per_rank"]
-    best, top = details["best_rank"], ranks[-1]
+    top = ranks[-1]
     if decision == top and len(ranks) > 1:
         notes.append(
             f"unfinished: loss still falling at r_max={top} (no smaller rank within tolerance); "
@@ -536,6 +548,12 @@ def _summarize(
         "notes": notes,
         "method": method,
     }
+
+
+def curve_se(losses: np.ndarray) -> float:
+    """Standard error of a mean loss over validation examples (0 for a single example)."""
+    n = len(losses)
+    return float(losses.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
 def _subsample(examples: Sequence[dict], n: int, seed: int) -> list[dict]:
