@@ -232,11 +232,19 @@ def test_tpe_gets_the_compute_of_the_dearest_probe(tmp_path):
     (task / "estimators").mkdir()
     rows = {r["method"]: r for r in bench.score_task(task)["rows"]}
     assert "Optuna TPE (2 runs)" in rows  # no probe on disk: two runs
-    for name, runs in (("svd-probe", 1.2), ("nested-probe", 2.6)):
+    # pilots of three lrs: the SVD probe's spent 0.3 runs and continues its winner's quarter
+    # (0.2 runs extra), the nested probe's spent 0.5 runs at another rank (all of it extra)
+    for name, runs, pilot in (("svd-probe", 1.2, {"seconds": 0.3 * STEPS, "continued": True}),
+                              ("nested-probe", 2.6, {"seconds": 0.5 * STEPS})):
+        pilot["losses"] = {"0.001": 1.0, "0.002": 0.9, "0.004": 1.1}
         (task / "estimators" / f"{name}.json").write_text(json.dumps(
             {"name": name, "suggested_rank": 4, "cost_seconds": 1.0,
-             "details": {"cost": {"cost_steps": runs * STEPS, "cost_vs_one_run": runs}}}))
+             "details": {"cost": {"cost_steps": runs * STEPS, "cost_vs_one_run": runs,
+                                  "one_run_steps": STEPS, "seconds_per_step": 1.0},
+                         "lr_pilot": pilot}}))
     rows = {r["method"]: r for r in bench.score_task(task)["rows"]}
+    assert rows["lorank svd-probe"]["cost_vs_one_run_without_pilot"] == pytest.approx(1.0)
+    assert rows["lorank nested-probe"]["cost_vs_one_run_without_pilot"] == pytest.approx(2.1)
     tpe = rows["Optuna TPE (3 runs)"]
     assert tpe["cost"] == pytest.approx(3 * STEPS / bench.full_sweep_steps(bench.load_sweep(task)))
     assert bench.tpe_budget([1.0]) == 1 and bench.tpe_budget([0.2]) == 1

@@ -148,6 +148,21 @@ def replay_successive_halving(sweep: dict[str, Any], eta: int = 2,
     return int(alive[0][0]), spend(n), n
 
 
+def probe_cost_split(details: dict[str, Any]) -> dict[str, float]:
+    """A probe's cost as a multiple of one run at rank R, with and without its learning-rate
+    pilot: what the pilot's losing runs add (the SVD probe continues the winner's quarter, the
+    nested probe pilots at another rank and continues nothing) is what a user who already
+    knows the lr would not spend."""
+    cost, pilot = details["cost"], details.get("lr_pilot") or {}
+    k = len(pilot.get("losses", {}))
+    spent = pilot.get("seconds", 0.0)
+    extra = spent * (k - 1) / k if k and pilot.get("continued") else spent
+    one_run = cost["one_run_steps"] * cost["seconds_per_step"]
+    total = cost["cost_steps"] * cost["seconds_per_step"]
+    return {"cost_vs_one_run": cost["cost_vs_one_run"],
+            "cost_vs_one_run_without_pilot": round((total - extra) / one_run, 3)}
+
+
 def score_task(task_dir: Path) -> dict[str, Any]:
     """Every method's row on one task (regret, waste, cost) plus the truth it is judged by."""
     task_dir = Path(task_dir)
@@ -168,8 +183,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         # a probe prices itself in training steps at its own pace (machine load cancels out)
         cost = (steps if steps is not None else ev.get("cost_seconds", 0.0) / sec_step) / full
         rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost)
-                    | ({"cost_vs_one_run": ev["details"]["cost"]["cost_vs_one_run"]}
-                       if steps is not None else {}))
+                    | (probe_cost_split(ev["details"]) if steps is not None else {}))
         if steps is not None:
             probe_runs.append(float(ev["details"]["cost"]["cost_vs_one_run"]))
         if ev.get("curve"):
@@ -404,6 +418,11 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
                          f"{'yes' if row['acceptable'] else 'no'} |")
         for name, rho in s.get("curve_agreement", {}).items():
             lines.append(f"\n{name} curve vs sweep curve: Spearman rank correlation {rho:.2f}")
+        for row in s["rows"]:
+            if "cost_vs_one_run_without_pilot" in row:
+                lines.append(f"\n{row['method']} cost: {row['cost_vs_one_run']:.2f}x one run at "
+                             f"rank R, {row['cost_vs_one_run_without_pilot']:.2f}x without its "
+                             "learning-rate pilot")
         lines += _single_lr_lines(s)
     lines += rule_tables(scored)
     return "\n".join(lines) + "\n"
