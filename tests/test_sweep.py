@@ -228,3 +228,51 @@ def test_narrower_grid_skips_queued_points_outside_it(sweep_inputs, tmp_path):
     other[other.index("1e-3,3e-3")] = "3e-3"
     assert subprocess.run(other, capture_output=True).returncode == 0
     assert finished_points(out) == Counter({(1, 1e-3, 0): 1, (1, 3e-3, 0): 1}), describe(out)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(sweep_inputs, tmp_path, monkeypatch):
+    """A run killed after its first evaluation resumes there (not from step 0) in the trial
+    that re-runs its point, and ends where an uninterrupted run of that point ends."""
+    from transformers import TrainerCallback
+
+    import lorank.api as api
+    import lorank.sweep as sweep_mod
+
+    model, data = sweep_inputs
+    kw = dict(ranks=[2], lrs=[3e-3], seeds=[0], steps=6, batch_size=4, eval_every=3,
+              max_length=32, progress=False)
+    whole = api.sweep(model, data, out=tmp_path / "whole", **kw).trials[0]
+
+    class Kill(TrainerCallback):  # dies after the step-3 checkpoint, as kill -9 would
+        def on_step_end(self, args, state, control, **_):
+            if state.global_step == 4:
+                raise KeyboardInterrupt("killed")
+
+    class Steps(TrainerCallback):
+        trained: list[int] = []
+
+        def on_step_end(self, args, state, control, **_):
+            self.trained.append(state.global_step)
+
+    real, calls = sweep_mod.train_lora, []
+
+    def killed_once(*a, **k):
+        calls.append(k.get("out_dir"))
+        k["callbacks"] = [Kill()] if len(calls) == 1 else [Steps()]
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "train_lora", killed_once)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        api.sweep(model, data, out=out, **kw)
+    point = {"rank": 2, "lr": 3e-3, "seed": 0}
+    assert (sweep_mod.checkpoint_dir(out, point) / "checkpoint-3").is_dir()
+    monkeypatch.setattr(sweep_mod, "_alive", lambda pid: False)  # its worker is gone
+    resumed = api.sweep(model, data, out=out, **kw).trials[0]
+    assert calls == [sweep_mod.checkpoint_dir(out, point)] * 2
+    assert Steps.trained == [4, 5, 6]  # from the step-3 checkpoint, not from the start
+    assert not sweep_mod.checkpoint_dir(out, point).exists()  # removed once stored
+    assert [c[0] for c in resumed["curve"]] == [c[0] for c in whole["curve"]] == [3, 6]
+    assert resumed["value"] == pytest.approx(whole["value"], rel=1e-5)
+    assert resumed["per_example"] == pytest.approx(whole["per_example"], rel=1e-5)
+    assert finished_points(out) == Counter({(2, 3e-3, 0): 1})

@@ -6,7 +6,8 @@ once; a worker pops a waiting trial, claims it (two-phase, so two workers never 
 point), trains it with the shared loop (`lorank.train.train_lora`) and stores the result with
 its per-example validation losses. Killing a worker and running the same command again fails
 the dead worker's trial, re-enqueues that point and continues: finished trials are never lost
-or repeated. Optional successive-halving pruning (Optuna's pruner) stops weak runs early.
+or repeated, and the re-enqueued point resumes from its run's last checkpoint (written at
+every evaluation under `out/checkpoints/`, removed once the trial is stored). Optional successive-halving pruning (Optuna's pruner) stops weak runs early.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -196,8 +198,17 @@ def recover_interrupted(study: optuna.Study, out: Path, orphan_age: float = 600.
     return n
 
 
+def _point_name(point: dict[str, Any]) -> str:
+    return f"r{point['rank']}_lr{point['lr']:g}_s{point['seed']}"
+
+
 def _result_path(out: Path, point: dict[str, Any]) -> Path:
-    return Path(out) / "trials" / f"r{point['rank']}_lr{point['lr']:g}_s{point['seed']}.json"
+    return Path(out) / "trials" / f"{_point_name(point)}.json"
+
+
+def checkpoint_dir(out: Path, point: dict[str, Any]) -> Path:
+    """Where a grid point's run checkpoints at each evaluation, so a killed run resumes."""
+    return Path(out) / "checkpoints" / _point_name(point)
 
 
 def _result_file_record(out: Path, t: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
@@ -272,11 +283,28 @@ class _PruningEvaluator:
 
     def __init__(self, inner: ValLossEvaluator, trial: optuna.Trial):
         self.inner, self.trial, self.pruned_at, self.lost = inner, trial, None, False
+        self.reports: list[tuple[int, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reports": self.reports}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A run resumed from a checkpoint in a new trial: its earlier evaluations count for
+        the pruner as if this trial had made them."""
+        try:
+            for step, value in state.get("reports", []):
+                self._report(value, step)
+        except optuna.exceptions.UpdateFinishedTrialError:  # settled by another worker
+            self.lost = True
+
+    def _report(self, value: float, step: int) -> None:
+        self.trial.report(value, step)
+        self.reports.append((step, value))
 
     def __call__(self, model, step: int) -> EvalPoint:
         point = self.inner(model, step)
         try:
-            self.trial.report(point.val_loss, step)
+            self._report(point.val_loss, step)
         except optuna.exceptions.UpdateFinishedTrialError:  # settled by another worker
             self.lost = True
             point.stop, point.message = True, "trial settled by another worker"
@@ -362,8 +390,10 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
     evaluator = _PruningEvaluator(
         ValLossEvaluator(val_examples, pad_token_id, config.eval_batch_size or config.batch_size),
         trial)
+    checkpoints = checkpoint_dir(out, point)
     result = train_lora(model_factory, train_examples, val_examples, config,
-                        pad_token_id=pad_token_id, evaluator=evaluator, progress=False)
+                        pad_token_id=pad_token_id, evaluator=evaluator, progress=False,
+                        out_dir=checkpoints, resume=True)
     record = result.to_dict() | {"point": point, "trial": trial.number,
                                  "per_example": result.best_val_losses}
     if evaluator.lost:  # its point was re-enqueued; whoever holds it now stores the answer
@@ -377,6 +407,7 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
         _finish(study, trial._trial_id, record)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass  # settled meanwhile by another worker's recovery, as `evaluator.lost` above
+    shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _n_finished(study: optuna.Study) -> int:
