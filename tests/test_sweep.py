@@ -276,3 +276,38 @@ def test_a_killed_run_resumes_from_its_checkpoint(sweep_inputs, tmp_path, monkey
     assert resumed["value"] == pytest.approx(whole["value"], rel=1e-5)
     assert resumed["per_example"] == pytest.approx(whole["per_example"], rel=1e-5)
     assert finished_points(out) == Counter({(2, 3e-3, 0): 1})
+
+
+def test_recommend_decides_from_a_sweep_of_the_same_data(sweep_inputs, tmp_path):
+    import lorank.api as api
+    from lorank.scoring import curve_right_rank
+
+    model, data = sweep_inputs
+    out = tmp_path / "sw"
+    result = api.sweep(model, data, ranks=[1, 2, 4], lrs=[3e-3], seeds=[0, 1], steps=6,
+                       batch_size=4, eval_every=3, max_length=32, out=out, progress=False)
+    right = curve_right_rank(result.curve)
+    rec = api.recommend(model, data, sweep=out, estimators=("capacity",), max_length=32,
+                        progress=False, out=tmp_path / "rec")
+    assert rec.rank == right.r_star
+    sweep_ev = next(e for e in rec.evidence if e["name"] == "sweep")
+    assert sweep_ev["suggested_rank"] == right.r_star and sweep_ev["kind"] == "curve"
+    assert sorted(int(r) for r in sweep_ev["curve"]) == [1, 2, 4]
+    assert sweep_ev["details"]["confidence"] == "high"  # complete grid, two seeds per rank
+    assert rec.rationale[0].startswith("sweep: smallest rank within tolerance")
+    # a sweep of other data is refused with one line naming the file
+    other = write_jsonl(tmp_path / "other.jsonl",
+                        [{"prompt": f"m{i}:", "completion": f" {i % 3}"} for i in range(48)])
+    with pytest.raises(LorankError, match=r"sweep\.json: this sweep was run on other data"):
+        api.recommend(model, str(other), sweep=out, estimators=("capacity",), max_length=32,
+                      progress=False)
+
+
+def test_recommend_with_a_missing_sweep_exits_2(sweep_inputs, tmp_path):
+    model, data = sweep_inputs
+    done = subprocess.run([sys.executable, "-m", "lorank.cli", "recommend", "-m", model,
+                           "-d", data, "--sweep", str(tmp_path / "none"), "--out",
+                           str(tmp_path / "o"), "--quiet"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "sweep.json: not found (run `lorank sweep --out" in done.stderr

@@ -75,15 +75,16 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               budget: str | int | None = None, probe_method: str = "svd",
               probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
               calib: int = 256,
-              gradient_max_rank: int | None = None,
+              gradient_max_rank: int | None = None, sweep: str | Path | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
 
     `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
     or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
-    `rank` forces a rank and only checks it against the targets (the evidence is still
-    reported).
+    `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
+    decides. `rank` forces a rank and only checks it against the targets (the evidence is
+    still reported).
     """
     if budget is not None and "probe" not in estimators:
         estimators = (*estimators, "probe")
@@ -97,12 +98,17 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     if rank is not None:
         target_set.check_rank(rank)
     ranks = candidate_ranks(target_set, max_rank)
+    measured = None
+    if sweep is not None:  # read before any measuring: a wrong sweep fails fast
+        from lorank.sweep import sweep_evidence
+
+        measured = sweep_evidence(Path(sweep), data_hash=prepared.data_hash)
     start = time.perf_counter()
     prof = data_mod.profile(prepared, loaded.model, sample=profile_sample, batch_size=batch_size,
                             pad_token_id=loaded.pad_token_id, progress=progress, seed=seed)
     profile_seconds = time.perf_counter() - start
 
-    evidence: list[Evidence] = []
+    evidence: list[Evidence] = [measured] if measured is not None else []
     probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
                   "lr": lr, "out": Path(out) if out is not None else None,
                   "gradient": {"calib": calib, "max_rank": gradient_max_rank}}

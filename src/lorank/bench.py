@@ -22,7 +22,7 @@ import optuna
 
 from lorank.errors import LorankError
 from lorank.report import atomic_write_text, plot_rank_curve
-from lorank.scoring import RightRank, right_rank, score, score_run
+from lorank.scoring import RightRank, curve_right_rank, score, score_run
 
 FIXED = (8, 16)
 
@@ -36,14 +36,7 @@ def load_sweep(task_dir: Path) -> dict[str, Any]:
 
 def truth(sweep: dict[str, Any]) -> RightRank:
     """r* by the DESIGN.md rule: paired SE across examples, widened by the seed spread."""
-    return _right_rank_of({int(r): row for r, row in sweep["curve"].items() if row})
-
-
-def _right_rank_of(curve: dict[int, dict[str, Any]]) -> RightRank:
-    """r* of a rank–loss curve in `rank_loss_curve`'s rows (seed-mean per-example losses)."""
-    losses = {r: np.asarray(row["per_example"], float) for r, row in curve.items()}
-    spread = {r: row["seed_sd"] / math.sqrt(max(row["seeds"], 1)) for r, row in curve.items()}
-    return right_rank(losses, seed_spread=spread)
+    return curve_right_rank({int(r): row for r, row in sweep["curve"].items() if row})
 
 
 def spearman(a: dict[int, float], b: dict[int, float]) -> float:
@@ -232,7 +225,7 @@ def single_lr_picks(sweep: dict[str, Any], right: RightRank,
         curve = rank_loss_curve([t for t in sweep["trials"] if t["lr"] == lr])
         if set(curve) != ranks or not all(curve.values()):
             continue
-        at_lr = _right_rank_of(curve)
+        at_lr = curve_right_rank(curve)
         out.append(score(f"sweep curve at lr {lr:g}", at_lr.r_star, right, params, 0.0)
                    | {"lr": lr})
     return out

@@ -52,6 +52,8 @@ def recommend(
     lr: str = typer.Option("1e-3", help="learning rate of the probe run; several "
                            "(2e-3,8e-3): a short pilot at the middle rank picks one"),
     calib: int = CalibOpt,
+    sweep: Path = typer.Option(None, help="a `lorank sweep --out` directory on this data: its "
+                               "measured rank–loss curve decides"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
@@ -59,7 +61,7 @@ def recommend(
                rank=rank, max_rank=max_rank, batch_size=batch_size, seed=seed, out=out,
                dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
                probe_method=probe_method, probe_max_rank=probe_max_rank, lr=_lrs(lr), calib=calib,
-               progress=not quiet)
+               sweep=sweep, progress=not quiet)
 
 
 @app.command()

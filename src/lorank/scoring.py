@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -265,3 +266,12 @@ def score_run(
         "cost": float(cost_fraction),
         "acceptable": bool(L_run <= right.L_best + tol),
     }
+
+
+def curve_right_rank(curve: dict[int, dict[str, Any]]) -> RightRank:
+    """r* of a `rank_loss_curve` by the DESIGN.md rule (paired SE across examples, widened by
+    the seed spread of each rank's mean)."""
+    losses = {int(r): np.asarray(row["per_example"], float) for r, row in curve.items() if row}
+    spread = {int(r): row["seed_sd"] / math.sqrt(max(row["seeds"], 1))
+              for r, row in curve.items() if row}
+    return right_rank(losses, seed_spread=spread)

@@ -30,7 +30,9 @@ import optuna
 from optuna.trial import TrialState
 
 from lorank.errors import LorankError
+from lorank.estimators.base import Evidence
 from lorank.report import atomic_write_text, plot_rank_curve, progress_bar
+from lorank.scoring import curve_right_rank
 from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -475,6 +477,51 @@ def rank_loss_curve(trials: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
                         "per_example": per_ex.tolist()}
         curve[rank] = best
     return curve
+
+
+def sweep_evidence(out: Path, data_hash: str | None = None) -> Evidence:
+    """A finished (or part-done) sweep as Evidence for `recommend`: the measured curve, which
+    `decide` trusts above every estimate. Refuses a sweep made on other data."""
+    path = Path(out) / "sweep.json"
+    try:
+        sweep = json.loads(path.read_text())
+        curve = {int(r): row for r, row in sweep["curve"].items() if row}
+    except FileNotFoundError:
+        raise LorankError(f"{path}: not found (run `lorank sweep --out {out}` first)") from None
+    except (json.JSONDecodeError, KeyError, AttributeError, ValueError) as err:
+        raise LorankError(f"{path}: not a lorank sweep summary ({err})") from None
+    if not curve:
+        raise LorankError(f"{path}: no finished run yet")
+    stored = (sweep.get("meta") or {}).get("data_hash")
+    if data_hash and stored and stored != data_hash:
+        raise LorankError(f"{path}: this sweep was run on other data (data hash {stored[:12]}, "
+                          f"this data {data_hash[:12]}); sweep this dataset or pass its own")
+    right = curve_right_rank(curve)
+    r_star, best = right.r_star, right.best_rank
+    spec = sweep.get("spec") or {}
+    grid = len(spec.get("ranks", [])) * len(spec.get("lrs", [])) * len(spec.get("seeds", []))
+    trials = sweep.get("trials", [])
+    complete = grid > 0 and len(trials) >= grid
+    lr = curve[r_star]["lr"]
+    return Evidence(
+        name="sweep", kind="curve", suggested_rank=r_star, interval=(r_star, best),
+        per_rank={r: f"{row['loss']:.4f} ±{row['se']:.4f} lr {row['lr']:g}"
+                  for r, row in sorted(curve.items())},
+        curve={r: {"loss": row["loss"], "se": row["se"], "lo": row["loss"] - 1.96 * row["se"],
+                   "hi": row["loss"] + 1.96 * row["se"], "n": len(row["per_example"])}
+               for r, row in sorted(curve.items())},
+        assumptions=["one independent run per rank, learning rate and seed with the sweep's "
+                     "recipe; L(r) is the seed-mean loss at rank r's best learning rate"],
+        notes=[f"best rank {best} (loss {right.L_best:.4f}); rank {r_star} is within "
+               f"{right.tol[r_star]:.4f} of it: train it at lr {lr:g}, its best in the sweep"]
+        + ([] if complete else [f"the sweep is incomplete ({len(trials)} of {grid} runs)"]),
+        details={"confidence": "high" if complete and min(
+                     row["seeds"] for row in curve.values()) > 1 else "medium",
+                 "tol": right.tol[r_star], "truth": right.to_dict(),
+                 "best_lr": {r: row["lr"] for r, row in sorted(curve.items())},
+                 "n_trials": len(trials), "grid": grid, "sweep": str(out)},
+        cost_seconds=float(sum(t.get("wall_seconds") or 0.0 for t in trials)),
+    )
 
 
 def model_factory_from(base_model) -> Any:
