@@ -7,7 +7,8 @@ point), trains it with the shared loop (`lorank.train.train_lora`) and stores th
 its per-example validation losses. Killing a worker and running the same command again fails
 the dead worker's trial, re-enqueues that point and continues: finished trials are never lost
 or repeated, and the re-enqueued point resumes from its run's last checkpoint (written at
-every evaluation under `out/checkpoints/`, removed once the trial is stored). Optional successive-halving pruning (Optuna's pruner) stops weak runs early.
+every evaluation under `out/checkpoints/`, removed once the trial is stored). Optional
+successive-halving pruning (Optuna's pruner) stops weak runs early.
 """
 
 from __future__ import annotations

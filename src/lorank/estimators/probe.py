@@ -500,7 +500,7 @@ def _summarize(
             n = len(gap)
             diff = float(gap.mean()) if n else math.nan
             mean = details["min_loss"] + diff
-            se_gap = float(gap.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+            se_gap = curve_se(gap)
             se = math.hypot(se_gap, curve_se(L[full.index(best)]))
             bounds = mean - 1.96 * se, mean + 1.96 * se
             details["per_rank"][r] = {"loss": mean, "diff": diff, "se_diff": se_gap,
