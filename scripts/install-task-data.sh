@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages whose text the benchmark tasks read (src/lorank/tasks.py):
 #   wordnet-base  WordNet 3.0 database        -> format-json, wordnet-lexname
-#   dict-vera     V.E.R.A. acronym dictionary -> facts-300, facts-1500, facts-6000
+#   dict-vera     V.E.R.A. acronym dictionary -> facts-100, facts-300, facts-1000
 #   manpages-dev  Linux man-pages, sections 2 and 3 -> man-names
 # code-docstring reads the Python standard library and needs nothing installed.
 # Idempotent: does nothing (no apt-get update) when every package and its data is present.
