@@ -311,3 +311,52 @@ def test_recommend_with_a_missing_sweep_exits_2(sweep_inputs, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "sweep.json: not found (run `lorank sweep --out" in done.stderr
+
+
+def test_dominated_reason_skips_only_a_clear_first_seed_loser():
+    from lorank.sweep import SweepSpec, dominated_reason
+
+    spec = SweepSpec(ranks=[4], lrs=[1e-3, 4e-3, 8e-3], seeds=[0, 1], skip_margin=0.5)
+
+    def run(lr, value, status="ok", seed=0, rank=4):
+        return {"rank": rank, "lr": lr, "seed": seed, "status": status, "value": value}
+
+    first = [run(1e-3, 2.0), run(4e-3, 1.2), run(8e-3, 1.6)]
+    point = {"rank": 4, "seed": 1}
+    assert "gap 0.800 > 0.5" in dominated_reason(first, spec, point | {"lr": 1e-3})
+    assert dominated_reason(first, spec, point | {"lr": 8e-3}) is None  # within the margin
+    assert dominated_reason(first, spec, point | {"lr": 4e-3}) is None  # the best itself
+    assert dominated_reason(first, spec, {"rank": 4, "seed": 0, "lr": 1e-3}) is None
+    assert dominated_reason(first[:2], spec, point | {"lr": 1e-3}) is None  # 8e-3 not done
+    assert dominated_reason(first, spec, {"rank": 8, "seed": 1, "lr": 1e-3}) is None
+    diverged = [run(1e-3, None, "diverged"), *first[1:]]
+    assert dominated_reason(diverged, spec, point | {"lr": 1e-3}) is None
+    off = SweepSpec(ranks=[4], lrs=spec.lrs, seeds=[0, 1])
+    assert dominated_reason(first, off, point | {"lr": 1e-3}) is None
+
+
+def test_a_sweep_skips_the_second_seed_of_a_dominated_lr(sweep_inputs, tmp_path):
+    """With a margin of 0 every lr that lost at seed 0 is settled at seed 1 without training;
+    the curve keeps the winner's two seeds and the skip is recorded like a run."""
+    import lorank.api as api
+
+    model, data = sweep_inputs
+    out = tmp_path / "skip"
+    result = api.sweep(model, data, ranks=[2], lrs=[1e-4, 3e-3], seeds=[0, 1], steps=6,
+                       batch_size=4, eval_every=3, max_length=32, skip_margin=0.0, out=out,
+                       progress=False)
+    by_point = {(t["lr"], t["seed"]): t for t in result.trials}
+    assert len(by_point) == 4
+    winner = min((1e-4, 3e-3), key=lambda lr: by_point[(lr, 0)]["value"])
+    loser = 1e-4 if winner == 3e-3 else 3e-3
+    assert by_point[(winner, 1)]["status"] == "ok"
+    assert by_point[(loser, 1)]["status"].startswith("skipped: dominated (seed 0")
+    assert by_point[(loser, 1)]["wall_seconds"] == 0.0
+    assert result.curve[2]["lr"] == winner and result.curve[2]["seeds"] == 2
+    stored = json.loads((out / "trials" / f"r2_lr{loser:g}_s1.json").read_text())
+    assert stored["status"] == by_point[(loser, 1)]["status"]
+    again = api.sweep(model, data, ranks=[2], lrs=[1e-4, 3e-3], seeds=[0, 1], steps=6,
+                      batch_size=4, eval_every=3, max_length=32, skip_margin=0.0, out=out,
+                      progress=False)
+    assert finished_points(out) == Counter({(2, lr, s): 1 for lr in (1e-4, 3e-3) for s in (0, 1)})
+    assert len(again.trials) == 4

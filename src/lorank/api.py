@@ -384,8 +384,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           seeds: list[int] = (0,), steps: int = 100, batch_size: int = 8, eval_every: int = 0,
           targets: str = "all-linear", fmt: str | None = None, val_data: str | Path | None = None,
           max_length: int = 512, lora_alpha: float | None = None, warmup_ratio: float = 0.1,
-          storage: str | None = None, prune: bool = False, max_trials: int | None = None,
-          out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
+          storage: str | None = None, prune: bool = False, skip_margin: float | None = None,
+          max_trials: int | None = None, out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
           device: str = "cpu", trust_remote_code: bool = False, progress: bool = True):
     """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`)."""
     from lorank.sweep import SweepSpec, model_factory_from, run_sweep
@@ -404,7 +404,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
               "eval_every": eval_every or max(1, steps // 4),
               "lora_alpha": lora_alpha or DEFAULT_ALPHA, "use_rslora": True,
               "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
-    spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe)
+    spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe,
+                     skip_margin=skip_margin)
     meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
             "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
             "targets": targets, "max_length": max_length, "split_seed": seed,
@@ -428,5 +429,5 @@ def task_inputs(name: str, out: str | Path, seed: int = 0) -> tuple[str, str, st
     recipe = {"ranks": ",".join(map(str, spec.ranks)), "lrs": ",".join(f"{x:g}" for x in spec.lrs),
               "seeds": ",".join(map(str, spec.seeds)), "steps": spec.steps,
               "batch_size": spec.batch_size, "max_length": spec.max_length,
-              "lora_alpha": spec.lora_alpha}
+              "lora_alpha": spec.lora_alpha, "skip_margin": spec.skip_margin}
     return spec.model, str(paths["train"]), str(paths["val"]), recipe

@@ -191,6 +191,8 @@ def sweep(
     storage: str = typer.Option(None, help="study storage URL (default: sqlite in --out); "
                                 "postgresql://... lets many workers share the sweep"),
     prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
+    skip_margin: float = typer.Option(None, help="nats: a later seed skips an lr that lost to "
+                                      "its rank's best lr by more at the first seed [off]"),
     max_trials: int = typer.Option(None, help="stop this worker after N trials"),
     out: Path = typer.Option(Path("lorank-sweep"), help="output directory"),
     seed: int = typer.Option(0, help="seed of the task build and the train/validation split"),
@@ -203,9 +205,10 @@ def sweep(
     from lorank.sweep import parse_list
 
     given = {"ranks": ranks, "lrs": lrs, "seeds": seeds, "steps": steps,
-             "batch_size": batch_size, "max_length": max_length, "lora_alpha": lora_alpha}
+             "batch_size": batch_size, "max_length": max_length, "lora_alpha": lora_alpha,
+             "skip_margin": skip_margin}
     defaults = {"ranks": "1,2,4,8,16,32,64", "lrs": "5e-4,2e-3", "seeds": "0,1", "steps": 100,
-                "batch_size": 8, "max_length": 512, "lora_alpha": None}
+                "batch_size": 8, "max_length": 512, "lora_alpha": None, "skip_margin": None}
     if task is not None:
         from lorank.api import task_inputs
 
@@ -220,7 +223,8 @@ def sweep(
                        steps=int(opts["steps"]), batch_size=int(opts["batch_size"]),
                        eval_every=eval_every, targets=targets, fmt=fmt, val_data=val_data,
                        max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
-                       storage=storage, prune=prune, max_trials=max_trials, out=out, seed=seed,
+                       storage=storage, prune=prune, skip_margin=opts["skip_margin"],
+                       max_trials=max_trials, out=out, seed=seed,
                        dtype=dtype, device=device, progress=not quiet)
     from rich.table import Table
 

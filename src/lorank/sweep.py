@@ -8,7 +8,8 @@ its per-example validation losses. Killing a worker and running the same command
 the dead worker's trial, re-enqueues that point and continues: finished trials are never lost
 or repeated, and the re-enqueued point resumes from its run's last checkpoint (written at
 every evaluation under `out/checkpoints/`, removed once the trial is stored). Optional
-successive-halving pruning (Optuna's pruner) stops weak runs early.
+successive-halving pruning (Optuna's pruner) stops weak runs early, and an optional margin
+skips a later seed's run at a learning rate that already lost by that margin at the first seed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class SweepSpec:
     lrs: list[float]
     seeds: list[int] = field(default_factory=lambda: [0])
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    # nats: a later seed skips an lr that lost at the first seed by more (None: run everything)
+    skip_margin: float | None = None
 
     def grid(self) -> list[dict[str, Any]]:
         """Seed-major: a sweep stopped part-way already has a whole rank-loss curve at seed 0."""
@@ -263,6 +266,29 @@ def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
     return n
 
 
+def dominated_reason(finished: list[dict[str, Any]], spec: SweepSpec,
+                     point: dict[str, Any]) -> str | None:
+    """Why a later seed's run at this point can be skipped, or None to run it.
+
+    The rank-loss curve takes the best lr per rank by seed mean; an lr whose first-seed run lost
+    to that rank's best first-seed run by more than `spec.skip_margin` nats cannot win unless
+    its second seed moves by more than the margin. Only decided once every lr of the rank has
+    finished at the first seed, and only against runs that finished ok."""
+    first = spec.seeds[0]
+    if spec.skip_margin is None or point["seed"] == first:
+        return None
+    at_first = {t["lr"]: t for t in finished if t["rank"] == point["rank"] and t["seed"] == first}
+    mine = at_first.get(point["lr"])
+    if set(at_first) < set(spec.lrs) or mine is None or mine["status"] != "ok":
+        return None
+    best = min((t for t in at_first.values() if t["status"] == "ok"), key=lambda t: t["value"])
+    gap = mine["value"] - best["value"]
+    if gap <= spec.skip_margin:
+        return None
+    return (f"skipped: dominated (seed {first}: {mine['value']:.4f} against "
+            f"{best['value']:.4f} at lr {best['lr']:g}, gap {gap:.3f} > {spec.skip_margin:g})")
+
+
 def _claim(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any]) -> bool:
     """Two-phase claim of a grid point: False if another trial has it (or already finished it)."""
     def rivals() -> list[optuna.trial.FrozenTrial]:
@@ -379,6 +405,11 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
             # the point stays in the queue's fixed params (and a user attr), not in suggested
             # params, so a later run can extend the grid without distribution clashes
             trial.set_user_attr("point", point)
+            reason = dominated_reason(finished_records(study), spec, point)
+            if reason is not None:
+                _skip(study, trial, point, reason, out)
+                bar.update(task, completed=_n_finished(study))
+                continue
             _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
                        pad_token_id, out)
             done_here += 1
@@ -413,6 +444,17 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 
+def _skip(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any], reason: str,
+          out: Path) -> None:
+    """Settle a point without training it; the record says why (kept like a run's)."""
+    record = {"status": reason, "per_example": None, "curve": [], "wall_seconds": 0.0,
+              "steps_done": 0, "trainable_params": None, "point": point, "trial": trial.number}
+    path = _result_path(out, point)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    _finish(study, trial._trial_id, record)
+
+
 def _n_finished(study: optuna.Study) -> int:
     return len({_key(_point_of(t)) for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get(FINISHED) and _point_of(t)})
@@ -430,9 +472,8 @@ def _check_same_sweep(study: optuna.Study, spec: SweepSpec, meta: dict[str, Any]
                           "use a new --out (or --storage) for a different sweep")
 
 
-def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
-              wall_seconds: float = 0.0) -> SweepResult:
-    """Per trial records and the rank–loss curve: L(r) = min over lr of the seed-mean loss."""
+def finished_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """One record per finished trial (its point, status, value, losses and cost)."""
     trials = []
     for t in study.get_trials(deepcopy=False):
         point = _point_of(t)
@@ -444,6 +485,13 @@ def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
                        "curve": t.user_attrs.get("curve"),
                        "steps_done": t.user_attrs.get("steps_done"),
                        "trainable_params": t.user_attrs.get("trainable_params")})
+    return trials
+
+
+def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
+              wall_seconds: float = 0.0) -> SweepResult:
+    """Per trial records and the rank–loss curve: L(r) = min over lr of the seed-mean loss."""
+    trials = finished_records(study)
     curve = rank_loss_curve(trials)
     result = SweepResult(trials, curve, str(out) if out else "", wall_seconds)
     if out is not None and trials:
