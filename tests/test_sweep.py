@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import write_jsonl
+from optuna.trial import TrialState
 
 from lorank.errors import LorankError
 from lorank.sweep import (
@@ -360,3 +361,43 @@ def test_a_sweep_skips_the_second_seed_of_a_dominated_lr(sweep_inputs, tmp_path)
                       progress=False)
     assert finished_points(out) == Counter({(2, lr, s): 1 for lr in (1e-4, 3e-3) for s in (0, 1)})
     assert len(again.trials) == 4
+
+
+def test_a_skip_is_withdrawn_when_its_lr_becomes_the_rank_best():
+    """If the first-seed winner's later seed does badly, the skipped lr leads by seed mean: the
+    skip no longer counts as finished, its point is enqueued again and is not skipped again."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from lorank.sweep import (
+        SKIPPED,
+        SweepSpec,
+        dominated_reason,
+        enqueue_missing,
+        finished_records,
+    )
+
+    spec = SweepSpec(ranks=[4], lrs=[1e-3, 4e-3], seeds=[0, 1], skip_margin=0.5)
+    dist = {"rank": CategoricalDistribution([4]), "lr": CategoricalDistribution([1e-3, 4e-3]),
+            "seed": CategoricalDistribution([0, 1])}
+    skipped = {"rank": 4, "lr": 1e-3, "seed": 1}
+
+    def study_with(winner_seed_1: float) -> optuna.Study:
+        study = optuna.create_study()
+        for lr, seed, value in ((1e-3, 0, 2.0), (4e-3, 0, 1.2), (4e-3, 1, winner_seed_1)):
+            study.add_trial(create_trial(
+                params={"rank": 4, "lr": lr, "seed": seed}, distributions=dist, value=value,
+                user_attrs={FINISHED: True, "status": "ok"}))
+        study.add_trial(create_trial(
+            params=skipped, distributions=dist, state=TrialState.FAIL,
+            user_attrs={FINISHED: True, "status": f"{SKIPPED} (seed 0: ...)"}))
+        return study
+
+    holds = study_with(1.3)  # the winner holds: seed mean 1.25 against 2.0
+    assert len(finished_records(holds)) == 4 and enqueue_missing(holds, spec) == 0
+    stale = study_with(3.0)  # its second seed diverges: seed mean 2.1 against 2.0
+    records = finished_records(stale)
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    assert dominated_reason(records, spec, skipped) is None
+    assert enqueue_missing(stale, spec) == 1
+    assert stale.get_trials(states=(TrialState.WAITING,))[0].system_attrs["fixed_params"] == skipped

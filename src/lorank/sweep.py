@@ -40,6 +40,7 @@ from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDY_NAME = "lorank-sweep"
 FINISHED = "finished"  # user attr: the grid point has its answer (ok, diverged or pruned)
+SKIPPED = "skipped: dominated"  # status of a later seed's point settled by `dominated_reason`
 
 
 @dataclass
@@ -250,13 +251,13 @@ def pop_trial(study: optuna.Study, url: str, out: Path) -> optuna.Trial:
 
 def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
     """Enqueue every grid point that has no finished, running or waiting trial."""
+    settled = _settled(study)
     covered = set()
     for t in study.get_trials(deepcopy=False):
         point = _point_of(t)
         if point is None:
             continue
-        live = t.state in (TrialState.RUNNING, TrialState.WAITING)
-        if live or t.user_attrs.get(FINISHED):
+        if t.state in (TrialState.RUNNING, TrialState.WAITING) or t.number in settled:
             covered.add(_key(point))
     n = 0
     for point in spec.grid():
@@ -283,10 +284,31 @@ def dominated_reason(finished: list[dict[str, Any]], spec: SweepSpec,
         return None
     best = min((t for t in at_first.values() if t["status"] == "ok"), key=lambda t: t["value"])
     gap = mine["value"] - best["value"]
-    if gap <= spec.skip_margin:
+    if gap <= spec.skip_margin or _best_lr(finished, point["rank"]) == point["lr"]:
         return None
-    return (f"skipped: dominated (seed {first}: {mine['value']:.4f} against "
+    return (f"{SKIPPED} (seed {first}: {mine['value']:.4f} against "
             f"{best['value']:.4f} at lr {best['lr']:g}, gap {gap:.3f} > {spec.skip_margin:g})")
+
+
+def _best_lr(finished: list[dict[str, Any]], rank: int) -> float | None:
+    """The rank's best lr so far by the seed mean of its finished runs' losses."""
+    values: dict[float, list[float]] = {}
+    for t in finished:
+        if t["rank"] == rank and t["status"] == "ok":
+            values.setdefault(t["lr"], []).append(t["value"])
+    return min(values, key=lambda lr: np.mean(values[lr])) if values else None
+
+
+def _stale_skip(record: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """A skip no longer holds once its lr leads its rank by seed mean (the first-seed winner's
+    later seed did badly): the curve needs every seed at the best lr, so the point runs."""
+    return (str(record["status"]).startswith(SKIPPED)
+            and _best_lr(records, record["rank"]) == record["lr"])
+
+
+def _settled(study: optuna.Study) -> set[int]:
+    """Numbers of the trials whose point has its answer (finished, and not a stale skip)."""
+    return {t["number"] for t in finished_records(study)}
 
 
 def _claim(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any]) -> bool:
@@ -296,8 +318,10 @@ def _claim(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any]) -> b
                 if t.number != trial.number and _point_of(t) is not None
                 and _key(_point_of(t)) == _key(point)]
 
+    settled = _settled(study)
+
     def holds(t: optuna.trial.FrozenTrial) -> bool:  # an interrupted (FAIL) claim holds nothing
-        return bool(t.user_attrs.get(FINISHED)
+        return bool(t.number in settled
                     or (t.user_attrs.get("claimed") and t.state == TrialState.RUNNING))
 
     if any(holds(t) for t in rivals()):
@@ -376,13 +400,13 @@ def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict
 def _work(study, spec, out, model_factory, train_examples, val_examples, pad_token_id,
           max_trials, progress, url) -> SweepResult:
     recover_interrupted(study, out)
-    enqueue_missing(study, spec)
     start, done_here = time.time(), 0
     total = len(spec.grid())
     in_grid = {_key(point) for point in spec.grid()}
     with progress_bar(progress) as bar:
         task = bar.add_task("sweep", total=total, completed=_n_finished(study))
         while max_trials is None or done_here < max_trials:
+            enqueue_missing(study, spec)  # a skip gone stale meanwhile runs after all
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 break
             trial = pop_trial(study, url, out)
@@ -456,8 +480,7 @@ def _skip(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any], reaso
 
 
 def _n_finished(study: optuna.Study) -> int:
-    return len({_key(_point_of(t)) for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get(FINISHED) and _point_of(t)})
+    return len({_key(t) for t in finished_records(study)})
 
 
 def _check_same_sweep(study: optuna.Study, spec: SweepSpec, meta: dict[str, Any]) -> None:
@@ -473,7 +496,8 @@ def _check_same_sweep(study: optuna.Study, spec: SweepSpec, meta: dict[str, Any]
 
 
 def finished_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """One record per finished trial (its point, status, value, losses and cost)."""
+    """One record per finished trial (its point, status, value, losses and cost); a skip that
+    no longer holds (`_stale_skip`) or whose point has run since is not finished."""
     trials = []
     for t in study.get_trials(deepcopy=False):
         point = _point_of(t)
@@ -485,7 +509,9 @@ def finished_records(study: optuna.Study) -> list[dict[str, Any]]:
                        "curve": t.user_attrs.get("curve"),
                        "steps_done": t.user_attrs.get("steps_done"),
                        "trainable_params": t.user_attrs.get("trainable_params")})
-    return trials
+    run = {_key(t) for t in trials if not str(t["status"]).startswith(SKIPPED)}
+    return [t for t in trials if not (str(t["status"]).startswith(SKIPPED)
+                                      and (_key(t) in run or _stale_skip(t, trials)))]
 
 
 def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
