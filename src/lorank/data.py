@@ -94,14 +94,13 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 def _read_cached_dataset(name: str) -> list[dict[str, Any]]:
     """A `datasets` hub name, only if already in the local cache (no download at run time)."""
-    import os
+    import datasets
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lorank.offline import hub_offline
+
     try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split="train")
+        with hub_offline():
+            ds = datasets.load_dataset(name, split="train")
     except Exception:
         raise LorankError(
             f"data '{name}' not found: expected a .jsonl/.json/.csv/.parquet file, a directory of "

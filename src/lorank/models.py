@@ -6,6 +6,7 @@ so the second load is fast. `trust_remote_code` stays off unless the caller asks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -26,6 +27,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from lorank.errors import LorankError
+from lorank.offline import hub_offline
 
 transformers_logging.disable_progress_bar()  # lorank shows its own progress; keep output readable
 
@@ -167,26 +169,31 @@ def load_model(
     directory, gguf_file, default_task = resolve_source(source)
     if gguf_file is not None:
         directory = _dequantized_gguf(directory, gguf_file)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    task = task or default_task or _task_from_config(config)
-    if task not in TASKS:
-        raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
-    if task == "classification":
-        if not num_labels:
-            raise LorankError("classification needs the number of labels (from the data)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                directory, num_labels=num_labels, **kwargs
-            )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    from_hub = not Path(directory).exists()  # a cached hub id: read the cache, never the network
+    hub = {"local_files_only": True} if from_hub else {}
+    with hub_offline() if from_hub else contextlib.nullcontext():
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **hub)
+        task = task or default_task or _task_from_config(config)
+        if task not in TASKS:
+            raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                                  **hub)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                      use_safetensors=True, **hub)
+        if task == "classification":
+            if not num_labels:
+                raise LorankError("classification needs the number of labels (from the data)")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    directory, num_labels=num_labels, **kwargs
+                )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model.to(_device(device))
     model.eval()
     return LoadedModel(model, tokenizer, task, source, directory, num_labels)

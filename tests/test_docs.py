@@ -1,0 +1,109 @@
+"""README.md's `## Command reference` shows every CLI option in a runnable example that parses."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+from typer.core import TyperGroup, TyperOption
+
+from lorank.cli import app
+
+try:  # typer >= 0.2x vendors click
+    from typer._click.exceptions import UsageError
+except ImportError:  # older typer uses click itself
+    from click.exceptions import UsageError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTION = "## Command reference"
+PREFIX = ".venv/bin/lorank"
+
+
+def commands() -> dict:
+    """Subcommand name -> its click command."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    return dict(group.commands)
+
+
+def long_options(cmd) -> list[str]:
+    """Every long option of a command; for `--flag/--no-flag` only the positive one."""
+    opts = []
+    for param in cmd.params:
+        if isinstance(param, TyperOption):
+            opts += [o for o in param.opts if o.startswith("--") and o != "--help"]
+    return opts
+
+
+def reference_section() -> str:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.strip() == SECTION]
+    assert starts, f"README.md has no `{SECTION}` section"
+    body = []
+    for ln in lines[starts[0] + 1:]:
+        if ln.startswith("## "):
+            break
+        body.append(ln)
+    return "\n".join(body)
+
+
+def example_commands() -> list[str]:
+    """Command lines inside ``` fences of the section (backslash continuations joined)."""
+    examples, in_fence, current = [], False, None
+    for ln in reference_section().splitlines():
+        if ln.lstrip().startswith("```"):
+            in_fence, current = not in_fence, None
+            continue
+        if not in_fence:
+            continue
+        text = ln.strip()
+        if current is not None:
+            current += " " + text.removesuffix("\\").strip()
+        elif text.startswith(PREFIX + " "):
+            current = text.removesuffix("\\").strip()
+        else:
+            continue
+        if not text.endswith("\\"):
+            examples.append(current)
+            current = None
+    return examples
+
+
+def split_example(line: str) -> tuple[str, list[str]]:
+    """(subcommand, its arguments) of one example line; `# comments` dropped."""
+    words = shlex.split(line, comments=True)
+    assert len(words) >= 2 and words[0] == PREFIX, line
+    return words[1], words[2:]
+
+
+def used_options(args: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in args if a.startswith("--")}
+
+
+def test_every_option_has_an_example():
+    examples = [split_example(line) for line in example_commands()]
+    used: dict[str, set[str]] = {}
+    for name, args in examples:
+        used.setdefault(name, set()).update(used_options(args))
+    without_example = sorted(set(commands()) - set(used))
+    missing = [f"{name} {opt}" for name, cmd in commands().items()
+               for opt in long_options(cmd) if opt not in used.get(name, set())]
+    assert not without_example, f"commands with no example in {SECTION}: {without_example}"
+    assert not missing, f"options with no example in {SECTION}: {missing}"
+
+
+def test_examples_parse():
+    cmds = commands()
+    examples = example_commands()
+    assert examples, f"no `{PREFIX} ...` lines in {SECTION}"
+    for line in examples:
+        name, args = split_example(line)
+        assert name in cmds, f"unknown command in example: {line}"
+        # a full parse, not resilient_parsing=True: with typer's vendored click that mode
+        # swallows unknown options and missing values; make_context never runs the command
+        try:
+            cmds[name].make_context(name, list(args))
+        except UsageError as err:
+            pytest.fail(f"example does not parse ({err.format_message()}): {line}")
