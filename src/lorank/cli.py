@@ -23,6 +23,7 @@ CalibOpt = typer.Option(256, help="calibration examples for the gradient spectru
 BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
                              help="svd: one plain adapter read by SVD truncation; nested: "
                              "nested-dropout training (DyLoRA)")
+RemoteCodeOpt = typer.Option(False, help="allow the model's own code to run (off by default)")
 DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
                        "them, or a cached `datasets` name")
 
@@ -44,7 +45,7 @@ def recommend(
     out: Path = typer.Option(Path("lorank-out"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model's own code to run"),
+    trust_remote_code: bool = RemoteCodeOpt,
     budget: str = typer.Option(None, help="add the one-run probe with this budget: training "
                                "steps (200) or minutes (10m)"),
     probe_method: str = BUDGET_METHOD,
@@ -79,13 +80,14 @@ def analyze(
     out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    trust_remote_code: bool = RemoteCodeOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Rank from the data before any training: the gradient spectrum, per layer and overall."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
-               estimators=("gradient",), calib=calib, gradient_max_rank=max_rank,
-               progress=not quiet)
+               trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
+               gradient_max_rank=max_rank, progress=not quiet)
     console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
@@ -126,13 +128,14 @@ def probe(
     out: Path = typer.Option(Path("lorank-probe"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    trust_remote_code: bool = RemoteCodeOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """The whole rank–loss curve from one training run; recommend from it alone."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
-               estimators=("capacity", "probe"), budget=budget or "auto",
-               probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr), progress=not quiet)
+               trust_remote_code=trust_remote_code, estimators=("capacity", "probe"),
+               budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr), progress=not quiet)
 
 
 @app.command()
@@ -198,6 +201,7 @@ def sweep(
     seed: int = typer.Option(0, help="seed of the task build and the train/validation split"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    trust_remote_code: bool = RemoteCodeOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Train one LoRA per (rank, lr, seed); resumable; writes sweep.json and rank_loss.png."""
@@ -225,7 +229,8 @@ def sweep(
                        max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
                        storage=storage, prune=prune, skip_margin=opts["skip_margin"],
                        max_trials=max_trials, out=out, seed=seed,
-                       dtype=dtype, device=device, progress=not quiet)
+                       dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                       progress=not quiet)
     from rich.table import Table
 
     table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")

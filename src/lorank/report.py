@@ -94,8 +94,25 @@ def candidates_table(rec: Recommendation) -> Table:
     return table
 
 
+def profile_line(prof: dict) -> str:
+    """The data profile in one line: what there is to learn, before any estimate."""
+    lengths = prof.get("length_percentiles") or {}
+    parts = [f"data: {prof['examples']:,} train / {prof['val_examples']:,} val examples "
+             f"({prof['format']})", f"{prof['supervised_tokens']:,} supervised tokens"]
+    if lengths:
+        parts.append("length p50/p90/max " + "/".join(
+            f"{lengths[k]:.0f}" for k in ("p50", "p90", "max") if k in lengths))
+    parts.append(f"{100 * prof['duplicate_rate']:.1f}% exact duplicates")
+    if prof.get("base_loss_nats") is not None:
+        parts.append(f"base model pays {prof['base_loss_nats']:.3f} nats "
+                     f"({prof['base_loss_bits']:.3f} bits) per supervised token")
+    return "; ".join(parts)
+
+
 def print_recommendation(rec: Recommendation, console: Console | None = None) -> None:
     console = console or Console()
+    if rec.inputs.get("profile"):
+        console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False)
     console.print(candidates_table(rec))
     console.print(
         f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
