@@ -110,6 +110,11 @@ def test_recommend_prints_table(monkeypatch, capsys, model_dir, pc_data, tmp_pat
     assert code == 0
     assert "candidate ranks" in out and "recommended rank" in out
     assert (tmp_path / "o" / "adapter_config.json").exists()
+    prof = json.loads((tmp_path / "o" / "recommendation.json").read_text())["inputs"]["profile"]
+    line = next(x for x in out.splitlines() if x.startswith("data: "))
+    assert f"{prof['examples']:,} train / {prof['val_examples']:,} val examples" in line
+    assert f"{prof['supervised_tokens']:,} supervised tokens" in line
+    assert f"base model pays {prof['base_loss_nats']:.3f} nats" in line
 
 
 def test_targets_command(monkeypatch, capsys, model_dir):

@@ -112,7 +112,8 @@ def profile_line(prof: dict) -> str:
 def print_recommendation(rec: Recommendation, console: Console | None = None) -> None:
     console = console or Console()
     if rec.inputs.get("profile"):
-        console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False)
+        console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False,
+                      soft_wrap=True)
     console.print(candidates_table(rec))
     console.print(
         f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
