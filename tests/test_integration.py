@@ -67,3 +67,23 @@ def test_recommend_minilm_classification(tmp_path):
     model = load_model("minilm-l6", task="classification", num_labels=2).model
     config = LoraConfig.from_pretrained(str(out))
     assert get_peft_model(model, config).get_nb_trainable_parameters()[0] == rec.trainable_params
+
+
+@needs_smollm
+def test_demo_command_builds_stdlib_data_and_recommends(tmp_path, monkeypatch, capsys):
+    """`lorank demo` end to end, small: real stdlib docstrings, SmolLM2, both output files."""
+    from lorank.cli import app
+
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as done:
+        app(["demo", "--n", "24", "--calib", "8", "--quiet", "--out", str(out)])
+    assert done.value.code in (0, None)
+    rows = [json.loads(x) for x in (out / "stdlib_docstrings.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    assert all("def " in r["prompt"] and r["prompt"].endswith("# Summary:") for r in rows)
+    assert all(r["completion"].strip() for r in rows)
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["inputs"]["model"] == "smollm2-135m"
+    assert LoraConfig.from_pretrained(str(out)).r == rec["rank"]
+    printed = capsys.readouterr().out
+    assert f"recommended rank {rec['rank']}" in printed and "demo data:" in printed
