@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from lorank.errors import LorankError
 from lorank.sweep import (
     FINISHED,
+    SweepSpec,
     open_study,
     parse_list,
     pop_trial,
@@ -123,8 +124,8 @@ def test_recovery_spares_a_worker_that_starts_meanwhile(tmp_path, monkeypatch):
         other.kill()
 
 
-@pytest.mark.parametrize("locked", [True, False])
-def test_two_workers_never_pop_the_same_waiting_trial(tmp_path, monkeypatch, locked):
+@pytest.mark.parametrize("locked,ordered", [(True, False), (True, True), (False, False)])
+def test_two_workers_never_pop_the_same_waiting_trial(tmp_path, monkeypatch, locked, ordered):
     """The CI failure: SQLite ignores SELECT ... FOR UPDATE, so two workers reading a waiting
     trial at once both set it running and both run it. Interleave two pops at that point: with
     the host lock each trial is popped once; without it (the control) the race is real."""
@@ -145,7 +146,8 @@ def test_two_workers_never_pop_the_same_waiting_trial(tmp_path, monkeypatch, loc
 
     def worker() -> None:
         study = open_study(tmp_path, None, prune=False)
-        trial = pop_trial(study, url, tmp_path) if locked else study.ask()
+        spec = SweepSpec(ranks=[1], lrs=[1e-3]) if ordered else None
+        trial = pop_trial(study, url, tmp_path, spec) if locked else study.ask()
         popped.append(trial._trial_id)
 
     threads = [threading.Thread(target=worker, name=str(i)) for i in range(2)]
@@ -154,6 +156,24 @@ def test_two_workers_never_pop_the_same_waiting_trial(tmp_path, monkeypatch, loc
     for t in threads:
         t.join()
     assert (len(set(popped)) == 2) is locked, popped
+
+
+def test_interrupted_points_resume_first_then_grid_order(tmp_path):
+    """A point whose killed run left a checkpoint is popped before the rest of the queue, and
+    the rest follows the grid's seed-major order, not the order of enqueueing."""
+    from lorank.sweep import checkpoint_dir
+
+    spec = SweepSpec(ranks=[1, 2], lrs=[1e-3], seeds=[0, 1])
+    study = open_study(tmp_path, None, prune=False)
+    for point in reversed(spec.grid()):  # queued back to front, as re-enqueued points are
+        study.enqueue_trial(point)
+    checkpoint_dir(tmp_path, {"rank": 2, "lr": 1e-3, "seed": 1}).mkdir(parents=True)
+    url = storage_url(tmp_path, None)
+    popped = [pop_trial(study, url, tmp_path, spec) for _ in range(4)]
+    order = [(p["rank"], p["seed"]) for t in popped
+             for p in [study._storage.get_trial_system_attrs(t._trial_id)["fixed_params"]]]
+    assert order == [(2, 1), (1, 0), (2, 0), (1, 1)]
+    assert not study.get_trials(states=(TrialState.WAITING,))
 
 
 def test_parse_list_errors():

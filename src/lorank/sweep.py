@@ -243,9 +243,32 @@ def _finish(study: optuna.Study, trial_id: int, record: dict[str, Any]) -> None:
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
 
-def pop_trial(study: optuna.Study, url: str, out: Path) -> optuna.Trial:
-    """`study.ask()` under the host lock, so that each waiting trial is popped once."""
+def pop_trial(study: optuna.Study, url: str, out: Path,
+              spec: SweepSpec | None = None) -> optuna.Trial:
+    """Pop a waiting trial under the host lock, so that each is popped once.
+
+    With `spec`, points whose interrupted run left a checkpoint go first, then the grid's
+    (seed-major) order: a point re-enqueued after a kill resumes at once instead of at the end
+    of the queue. Otherwise (or when nothing is waiting) `study.ask()`'s first-queued order."""
     with host_lock(url, out):
+        if spec is not None:
+            order = {_key(p): i for i, p in enumerate(spec.grid())}
+
+            def priority(t: optuna.trial.FrozenTrial) -> tuple:
+                point = _point_of(t)
+                if point is None:
+                    return (1, len(order), t.number)
+                resumes = checkpoint_dir(out, point).is_dir()
+                return (0 if resumes else 1, order.get(_key(point), len(order)), t.number)
+
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            for t in sorted(waiting, key=priority):
+                try:  # as optuna's own pop: False or an error when another worker took it
+                    if study._storage.set_trial_state_values(t._trial_id,
+                                                             state=TrialState.RUNNING):
+                        return optuna.Trial(study, t._trial_id)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
         return study.ask()
 
 
@@ -409,7 +432,7 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
             enqueue_missing(study, spec)  # a skip gone stale meanwhile runs after all
             if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 break
-            trial = pop_trial(study, url, out)
+            trial = pop_trial(study, url, out, spec)
             point = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
             if point is None:  # the queue emptied under us: this trial was sampled, not popped
                 trial.set_user_attr("status", "spurious: queue was empty")
