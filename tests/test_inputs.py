@@ -27,8 +27,11 @@ ROWS = [{"prompt": f"q{i}:", "completion": f" a{i % 7}"} for i in range(24)]
 def test_package_level_api_mirrors_the_cli():
     import lorank.api
 
+    import lorank.sweep  # a submodule: must not shadow or be shadowed by an API verb
+
     assert lorank.recommend is lorank.api.recommend
-    assert lorank.sweep is lorank.api.sweep
+    assert lorank.prepare_inputs is lorank.api.prepare_inputs
+    assert lorank.sweep.run_sweep is not None
     with pytest.raises(AttributeError):
         lorank.no_such_verb  # noqa: B018
 

@@ -1,11 +1,12 @@
 """lorank: which LoRA rank for this model, this dataset, this budget?
 
-The Python API mirrors the CLI: `lorank.recommend(model, data, ...)`, `lorank.sweep(...)`,
-`lorank.prepare_inputs(...)`. They load lazily, so `import lorank` stays cheap.
+The Python API mirrors the CLI: `lorank.recommend(model, data, ...)` and
+`lorank.prepare_inputs(...)` load lazily, so `import lorank` stays cheap. The other verbs live in
+`lorank.api` (`lorank.sweep` is the sweep module: a submodule's name wins once it is imported).
 """
 
 __version__ = "0.1.0"
-__all__ = ["recommend", "sweep", "prepare_inputs"]
+__all__ = ["recommend", "prepare_inputs"]
 
 
 def __getattr__(name: str):
