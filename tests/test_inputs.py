@@ -26,7 +26,6 @@ ROWS = [{"prompt": f"q{i}:", "completion": f" a{i % 7}"} for i in range(24)]
 
 def test_package_level_api_mirrors_the_cli():
     import lorank.api
-
     import lorank.sweep  # a submodule: must not shadow or be shadowed by an API verb
 
     assert lorank.recommend is lorank.api.recommend
