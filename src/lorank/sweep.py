@@ -481,13 +481,7 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
         return
     if evaluator.pruned_at is not None:
         record["status"] = "pruned"
-    path = _result_path(out, point)
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=1))
-    try:
-        _finish(study, trial._trial_id, record)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass  # settled meanwhile by another worker's recovery, as `evaluator.lost` above
+    _store(study, trial, point, record, out)
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 
@@ -496,10 +490,20 @@ def _skip(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any], reaso
     """Settle a point without training it; the record says why (kept like a run's)."""
     record = {"status": reason, "per_example": None, "curve": [], "wall_seconds": 0.0,
               "steps_done": 0, "trainable_params": None, "point": point, "trial": trial.number}
+    _store(study, trial, point, record, out)
+
+
+def _store(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any],
+           record: dict[str, Any], out: Path) -> None:
+    """Write the point's result file first (recovery reads it after a crash), then settle the
+    trial; one settled meanwhile by another worker's recovery already holds this answer."""
     path = _result_path(out, point)
     path.parent.mkdir(exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))
-    _finish(study, trial._trial_id, record)
+    try:
+        _finish(study, trial._trial_id, record)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
 
 
 def _n_finished(study: optuna.Study) -> int:
