@@ -10,7 +10,10 @@ on seeded random token sequences of exactly `--seq` tokens (every token supervis
 what training added to memory with the estimate's non-weight part (adapter, gradients, AdamW
 moments, activations). On CPU "memory" is the process's peak RSS (after load -> after
 training); on CUDA it is `torch.cuda.max_memory_allocated`. The frozen weights are compared
-with the RSS the load added. `--all` runs each shape of SHAPES in its own subprocess and
+with the RSS the load added. On CPU the training is also run under `TensorPeak`, which counts
+what a GPU's caching allocator would: the peak of live tensor storages created by torch ops
+(the frozen weights' storages excluded), without the CPU process's own overhead (allocator
+retention, oneDNN weight packing, the Python heap). `--all` runs each shape of SHAPES in its own subprocess and
 prints one JSON document.
 """
 
@@ -21,12 +24,41 @@ import json
 import resource
 import subprocess
 import sys
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 SHAPES = {"smollm2-135m": [(8, 4, 128), (64, 4, 128), (8, 8, 256), (8, 1, 512)],
           "minilm-l6": [(8, 16, 128), (64, 16, 128), (8, 8, 256), (8, 32, 64)]}
 MIB = 2**20
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages made by torch ops while active (a CPU stand-in for
+    `torch.cuda.max_memory_allocated`); storages in `exclude` (the weights) are not counted."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude, self.live, self.current, self.peak = exclude, {}, 0, 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self.live and key not in self.exclude:
+                self.live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(t, self._free, key)
+        return out
 
 
 def peak_mib() -> float:
@@ -58,8 +90,15 @@ def measure(model: str, rank: int, batch: int, seq: int) -> dict:
                          modules_to_save=targets.modules_to_save or None, steps=3,
                          batch_size=batch, eval_every=1000, eval_batch_size=1,
                          learning_rate=1e-4)
-    result = train_lora(lambda: loaded.model, examples, examples[:1], config,
-                        pad_token_id=loaded.pad_token_id, progress=False)
+    tracker = None
+    if torch.cuda.is_available():
+        result = train_lora(lambda: loaded.model, examples, examples[:1], config,
+                            pad_token_id=loaded.pad_token_id, progress=False)
+    else:
+        weights = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+        with TensorPeak(weights) as tracker:
+            result = train_lora(lambda: loaded.model, examples, examples[:1], config,
+                                pad_token_id=loaded.pad_token_id, progress=False)
     after_train = peak_mib()
     est = memory_estimate(targets, rank, batch_size=batch, seq_len=seq)
     added_est = (est.total - est.frozen_weights) / MIB
@@ -73,6 +112,9 @@ def measure(model: str, rank: int, batch: int, seq: int) -> dict:
             "estimate_parts_mib": {k: round(v / MIB, 1) for k, v in est.to_dict().items()
                                    if isinstance(v, (int, float))},
             "measured_over_estimate": round(added / added_est, 2),
+            "tensor_peak_mib": round(tracker.peak / MIB, 1) if tracker else None,
+            "tensor_peak_over_estimate": round(tracker.peak / MIB / added_est, 2)
+            if tracker else None,
             "versions": versions()}
 
 

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorank.estimators.activation import activation_spectrum
 from lorank.estimators.base import Evidence
+from lorank.estimators.gradient import gradient_spectrum
 
 VOCAB, DIM, PAD = 48, 32, 0
 
@@ -90,6 +91,41 @@ def test_planted_input_subspaces_give_the_planted_energy_ranks(exact_max_dim: in
     assert abs(a.participation_ratio - 4) < 0.2 and abs(b.participation_ratio - 12) < 0.5
     ratios = a.explained_ratios()
     assert np.allclose(ratios[:4], 0.995 / 4, atol=0.01)
+
+
+@pytest.mark.parametrize("exact_max_dim", [1024, 0])
+def test_gradient_spectrum_reports_the_planted_input_ranks_from_its_own_passes(exact_max_dim):
+    """The gradient estimator reads each layer's inputs in its hooks: every example once (not
+    again in its third pass), real tokens only, and the same spectrum as activation_spectrum."""
+    model = TwoPaths(rank_a=4, rank_b=12)
+    examples = permutation_examples(20, 0)
+    gs = gradient_spectrum(
+        model,
+        examples,
+        ["lin_a", "lin_b"],
+        pad_token_id=PAD,
+        max_rank=4,
+        batch_size=6,
+        exact_max_dim=exact_max_dim,
+        input_sketch_rank=24,
+        progress=False,
+    )
+    a, b = gs.layers
+    assert a.inputs.method == ("exact" if exact_max_dim else "sketch")
+    assert a.inputs.energy_ranks == {"0.9": 4, "0.95": 4}
+    assert b.inputs.energy_ranks == {"0.9": 11, "0.95": 12}
+    assert a.inputs.n_tokens == b.inputs.n_tokens == 30 * (VOCAB - 1)  # once each, no padding
+    rows = {row["layer"]: row for row in gs.layer_table()}
+    assert (rows["lin_a"]["inputs90"], rows["lin_b"]["inputs90"]) == (4, 11)
+    assert rows["lin_b"]["inputs95"] == 12
+    layer_json = json.loads(json.dumps(gs.to_dict()))["layers"][1]
+    assert layer_json["inputs"]["energy_ranks"] == {"0.9": 11, "0.95": 12}
+    if exact_max_dim:
+        reference = activation_spectrum(
+            model, examples, ["lin_a", "lin_b"], pad_token_id=PAD, progress=False
+        )
+        for ours, theirs in zip(gs.layers, reference.layers, strict=True):
+            assert np.allclose(ours.inputs.eigenvalues, theirs.eigenvalues, rtol=1e-4, atol=1e-3)
 
 
 def test_allocation_follows_the_planted_dimensions():

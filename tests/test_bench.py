@@ -122,6 +122,9 @@ def test_probe_curve_agreement(tmp_path):
     assert s["curve_agreement"]["svd-probe"] == pytest.approx(1.0)
     assert bench.spearman({1: 3.0, 2: 2.0, 4: 1.0}, {1: 1.0, 2: 2.0, 4: 3.0}) == \
         pytest.approx(-1.0)
+    other = dict(s, task="other", curve_agreement={"svd-probe": 0.5})
+    text = bench.markdown_tables([s, other], tmp_path)
+    assert "svd-probe mean 0.75 (from 0.50 to 1.00, 2 tasks)" in text
 
 
 def test_successive_halving_spends_less_than_the_sweep(tmp_path):
@@ -159,6 +162,21 @@ def test_run_bench_writes_tables(tmp_path):
     text = md.read_text()
     assert "protocol stays" in text and "tail" in text and "old" not in text
     assert "| fixed r=8 |" in text and (tmp_path / "toy" / "bench.png").exists()
+
+
+def test_probe_curves_are_overlaid(tmp_path):
+    """A stored probe's curve joins the sweep's in bench.png; unevaluated ranks are dropped."""
+    task = fake_sweep(tmp_path)
+    assert bench.probe_curves(task) == {}
+    (task / "estimators").mkdir()
+    (task / "estimators" / "svd-probe.json").write_text(json.dumps(
+        {"name": "svd-probe", "suggested_rank": 4, "cost_seconds": 60.0,
+         "curve": {"1": {"loss": 2.1, "se": 0.1}, "4": {"loss": 1.8, "se": 0.1},
+                   "8": {"loss": float("nan"), "se": 0.0}}}))
+    curves = bench.probe_curves(task)
+    assert list(curves) == ["svd-probe (one run)"] and sorted(curves["svd-probe (one run)"]) == [1, 4]
+    bench.run_bench(tmp_path)
+    assert (task / "bench.png").stat().st_size > 0
 
 
 def test_an_incomplete_sweep_is_listed_not_scored(tmp_path):

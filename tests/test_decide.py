@@ -96,3 +96,106 @@ def test_alpha_matches_training_rule():
     from lorank.train import DEFAULT_ALPHA as TRAIN_ALPHA
 
     assert DEFAULT_ALPHA == TRAIN_ALPHA
+
+
+# ------------------------------------------------ decide() on curves measured as estimators do
+
+
+def measured(means, *, spread=0.5, noise=0.01, n=300, config=None) -> Evidence:
+    """Probe evidence built as `nested_probe` builds it: per-example losses per rank (each
+    example's difficulty shared by every rank, as on one validation set) through the probe's
+    own summary, so the rank, tolerance and confidence are computed, not hand-set."""
+    import numpy as np
+
+    from lorank.estimators.probe import ProbeResult, _summarize
+
+    rng = np.random.default_rng(0)
+    base = 1.0 + rng.uniform(-spread, spread, n)
+    val = {r: base + (m - 1.0) + rng.normal(0, noise, n) for r, m in zip(RANKS, means,
+                                                                          strict=True)}
+    summary = _summarize("nested", RANKS, val, None, n_boot=200, seed=0)
+    summary.pop("method")
+    return ProbeResult(method="nested", ranks=RANKS, max_rank=RANKS[-1],
+                       val_losses={r: v.tolist() for r, v in val.items()},
+                       config=config or {"lora_alpha": 8.0, "use_rslora": True},
+                       **summary).to_evidence()
+
+
+def test_flat_curve_takes_the_smallest_rank(tiny_llama):
+    rec = decide([measured([1.000, 1.001, 0.999, 1.002, 1.000, 1.001])],
+                 resolve_targets(tiny_llama), ranks=RANKS)
+    assert rec.rank == 1 and rec.confidence == "high"
+    assert any("curve is flat" in r and "smallest is enough" in r for r in rec.rationale)
+    assert not rec.warnings
+
+
+def test_rising_curve_takes_the_best_and_says_overfitting(tiny_llama):
+    rec = decide([measured([1.50, 1.20, 1.00, 1.05, 1.12, 1.20])], resolve_targets(tiny_llama),
+                 ranks=RANKS)
+    assert rec.rank == 4 and rec.confidence == "high"
+    assert any("rises above rank 4 (overfitting)" in r for r in rec.rationale)
+
+
+def test_noisy_curve_is_low_confidence(tiny_llama):
+    rec = decide([measured([1.50, 1.10, 1.40, 1.00, 1.35, 1.05])], resolve_targets(tiny_llama),
+                 ranks=RANKS)
+    assert rec.rank == 8 and rec.confidence == "low"
+    assert any("zig-zags" in r for r in rec.rationale)
+
+
+def test_shape_uses_the_rules_paired_tolerance(tiny_llama):
+    """Hard and easy examples spread the per-rank losses (unpaired SE 0.02) while rank 1 is
+    worse on every example by 0.03 (paired SE ~0.001): the rule picks 2, and the shape must
+    not call the curve flat ("the smallest is enough") on the unpaired SE."""
+    from lorank.decide import rule_tolerance
+
+    ev = measured([1.03, 1.0, 1.0, 1.0, 1.0, 1.0], spread=0.6)
+    assert curve_shape(ev.curve)[0] == "flat"  # the unpaired SE alone would say so
+    assert curve_shape(ev.curve, rule_tolerance(ev))[0] == "knee"
+    rec = decide([ev], resolve_targets(tiny_llama), ranks=RANKS)
+    assert rec.rank == 2 and not any("curve is flat" in r for r in rec.rationale)
+
+
+# ------------------------------------------------------------------------- scaling rule
+
+
+def test_alpha_and_rslora_come_from_the_deciding_curve(tiny_llama):
+    targets = resolve_targets(tiny_llama)
+    probe = measured([1.50, 1.30, 1.10, 1.00, 0.999, 1.001],
+                     config={"lora_alpha": 16.0, "use_rslora": False})
+    rec = decide([Evidence("gradient", "estimate", 2, interval=(2, 2)), probe], targets,
+                 ranks=RANKS)
+    assert (rec.lora_alpha, rec.use_rslora) == (16.0, False)
+    assert any("lora_alpha 16 (scale alpha/r)" in r for r in rec.rationale)
+    assert decide([probe], targets, ranks=RANKS, lora_alpha=4.0).lora_alpha == 4.0  # explicit
+
+
+def test_sweep_recipe_sets_alpha_and_its_truth_sets_the_tolerance(tiny_llama):
+    """A sweep run with --lora-alpha 16 exports alpha 16; evidence shaped as `sweep_evidence`
+    makes it (curve rows + the rule's `truth`, the recipe beside it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = rng.gamma(2.0, 0.5, 300)
+    losses = {r: base + (0.03 if r == 1 else 0.0) + rng.normal(0, 0.01, 300) for r in RANKS}
+    right = right_rank(losses)
+    ev = Evidence("sweep", "curve", right.r_star,
+                  curve={r: {"loss": float(v.mean()), "se": float(v.std(ddof=1) / 300 ** 0.5)}
+                         for r, v in losses.items()},
+                  details={"truth": right.to_dict(),
+                           "recipe": {"lora_alpha": 16.0, "use_rslora": True}})
+    rec = decide([ev], resolve_targets(tiny_llama), ranks=RANKS)
+    assert right.r_star == 2 and rec.rank == 2
+    assert (rec.lora_alpha, rec.use_rslora) == (16.0, True)
+    assert not any("curve is flat" in r for r in rec.rationale)
+
+
+def test_no_scaling_rule_in_the_evidence_keeps_the_default(tiny_llama):
+    from lorank.decide import DEFAULT_ALPHA
+
+    rec = decide([Evidence("gradient", "estimate", 4, interval=(4, 4),
+                           rank_pattern={"model.layers.0.self_attn.q_proj": 8})],
+                 resolve_targets(tiny_llama), ranks=RANKS)
+    assert (rec.lora_alpha, rec.use_rslora) == (DEFAULT_ALPHA, True)
+    # rsLoRA with one alpha already scales each pattern layer by its own rank
+    assert rec.rank_pattern and rec.alpha_pattern == {}

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 
 from lorank import api
 from lorank.errors import LorankError
@@ -170,3 +171,82 @@ def test_probe_cost_is_priced_at_its_own_pace():
     assert cost["one_run_steps"] == 10.5
     assert cost["cost_vs_one_run"] == round(150 / 105, 3)
 
+
+
+# ---------------------------------------------------------------------------- probe resume
+
+
+class StepSpy(TrainerCallback):
+    """Counts the training steps this session runs; raises Ctrl-C at `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.stop_at, self.done = stop_at, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.done += 1
+        if state.global_step == self.stop_at:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+
+
+@pytest.fixture
+def probe_inputs(tiny_llama_dir, pc_data, monkeypatch):
+    """run_probe's inputs on the tiny Llama, and a spy slipped into every training run."""
+    from lorank import data as data_mod
+    from lorank import train
+    from lorank.estimators import probe
+    from lorank.targets import resolve_targets
+
+    loaded = load_model(str(tiny_llama_dir))
+    prep = data_mod.prepare(pc_data, loaded.tokenizer, max_length=64)
+    prof = data_mod.profile(prep, loaded.model, sample=4, pad_token_id=0, progress=False)
+    spy = StepSpy()
+    real = train.train_lora
+
+    def spied(*args, callbacks=(), **kwargs):
+        return real(*args, callbacks=[*callbacks, spy], **kwargs)
+
+    monkeypatch.setattr(train, "train_lora", spied)
+    monkeypatch.setattr(probe, "train_lora", spied)  # nested_probe and the lr pilot
+    return (loaded, prep, resolve_targets(loaded.model), prof), spy
+
+
+@pytest.mark.parametrize("method,lr,run_dir", [
+    ("svd", 2e-3, "run"),
+    ("nested", 2e-3, "nested"),
+    ("svd", [2e-3, 1e-3], "pilot/lr0.002"),  # the pilot is not rerun; its winner continues
+])
+def test_interrupted_probe_resumes_and_cleans_up(probe_inputs, tmp_path, method, lr, run_dir):
+    """`lorank probe` run again after Ctrl-C continues from OUT/probe_checkpoint/ (the CLI
+    says "finished work is kept"), ends where an uninterrupted probe ends, and removes it."""
+    args, spy = probe_inputs
+    kw = dict(method=method, max_rank=4, budget="8", lr=lr, progress=False)
+    spy.stop_at = 5  # checkpoints every 8 // 4 = 2 steps: the last one before Ctrl-C is 4
+    with pytest.raises(KeyboardInterrupt):
+        api.run_probe(*args, out=tmp_path, **kw)
+    assert (tmp_path / "probe_checkpoint" / run_dir / "checkpoint-4").is_dir(), \
+        sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("checkpoint-*"))
+    spy.stop_at, spy.done = None, 0
+    resumed = api.run_probe(*args, out=tmp_path, **kw)
+    resumed_steps = spy.done
+    assert any("continued the interrupted probe" in n for n in resumed.notes)
+    assert not (tmp_path / "probe_checkpoint").exists()
+    scratch = api.run_probe(*args, **kw)  # no out: nothing kept, nothing resumed
+    assert not any("continued the interrupted" in n for n in scratch.notes)
+    done = scratch.details["steps_done"]  # 8, or fewer when the nested probe stops early
+    assert resumed_steps == done - 4 and resumed.details["steps_done"] == done
+    assert resumed.suggested_rank == scratch.suggested_rank
+    for r, point in scratch.curve.items():
+        assert resumed.curve[r]["loss"] == pytest.approx(point["loss"], rel=1e-4)
+
+
+def test_probe_checkpoint_of_other_inputs_is_not_resumed(probe_inputs, tmp_path):
+    args, spy = probe_inputs
+    kw = dict(max_rank=4, budget="8", progress=False)
+    spy.stop_at = 5
+    with pytest.raises(KeyboardInterrupt):
+        api.run_probe(*args, out=tmp_path, lr=2e-3, **kw)
+    spy.stop_at, spy.done = None, 0
+    other = api.run_probe(*args, out=tmp_path, lr=1e-3, **kw)  # another recipe: start afresh
+    assert spy.done == 8
+    assert any("made with other inputs" in n for n in other.notes)
+    assert not (tmp_path / "probe_checkpoint").exists()

@@ -81,6 +81,7 @@ def test_resume_after_kill_9(sweep_inputs, tmp_path):
     summary = json.loads((out / "sweep.json").read_text())
     assert sorted(int(r) for r in summary["curve"]) == [1, 2, 4]
     assert (out / "rank_loss.png").stat().st_size > 0
+    assert (out / "learning_curves.png").stat().st_size > 0
 
 
 def test_two_workers_share_one_study(sweep_inputs, tmp_path):
@@ -216,6 +217,39 @@ def test_cli_bad_ranks_exit_2(sweep_inputs, tmp_path):
     assert "--ranks 1,x: expected comma-separated int" in done.stderr
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "no-such-task"], "--task no-such-task: unknown task; known: "),
+    (["--storage", "notadb://x"], "--storage notadb://x: cannot open the study storage"),
+])
+def test_cli_bad_task_or_storage_exit_2(sweep_inputs, tmp_path, extra, message):
+    model, data = sweep_inputs
+    done = subprocess.run(sweep_cmd(model, data, tmp_path / "x", *extra), capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in " ".join(done.stderr.split()), done.stderr
+
+
+def test_prune_stops_a_run_behind_the_first(sweep_inputs, tmp_path):
+    """Successive halving (reduction factor 2): a second run that reports a worse loss than the
+    first did at the same step stops there (before its last step), is stored as pruned, and
+    stays out of the curve."""
+    model, data = sweep_inputs
+    out = tmp_path / "pruned"
+    cmd = sweep_cmd(model, data, out, "--prune")
+    cmd[cmd.index("1,2,4")] = "1"
+    cmd[cmd.index("1e-3,3e-3")] = "3e-3,1e-7"
+    cmd[cmd.index("--steps") + 1] = "12"
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "sweep.json").read_text())
+    first, second = (next(t for t in summary["trials"] if t["lr"] == lr) for lr in (3e-3, 1e-7))
+    assert first["status"] == "ok" and first["steps_done"] == 12
+    assert second["status"] == "pruned" and second["steps_done"] < 12, second["curve"]
+    stop, _, loss = second["curve"][-1]
+    assert stop == second["steps_done"] and loss > dict((s, v) for s, _, v in first["curve"])[stop]
+    assert summary["curve"]["1"]["lr"] == 3e-3
+
+
 def test_grid_can_grow(sweep_inputs, tmp_path):
     """A second run with another learning rate adds only the new points."""
     model, data = sweep_inputs
@@ -306,11 +340,14 @@ def test_recommend_decides_from_a_sweep_of_the_same_data(sweep_inputs, tmp_path)
     model, data = sweep_inputs
     out = tmp_path / "sw"
     result = api.sweep(model, data, ranks=[1, 2, 4], lrs=[3e-3], seeds=[0, 1], steps=6,
-                       batch_size=4, eval_every=3, max_length=32, out=out, progress=False)
+                       batch_size=4, eval_every=3, max_length=32, out=out, progress=False,
+                       lora_alpha=16.0)
     right = curve_right_rank(result.curve)
     rec = api.recommend(model, data, sweep=out, estimators=("capacity",), max_length=32,
                         progress=False, out=tmp_path / "rec")
     assert rec.rank == right.r_star
+    exported = json.loads((tmp_path / "rec" / "adapter_config.json").read_text())
+    assert exported["lora_alpha"] == 16.0 and exported["use_rslora"]  # the sweep's rule
     sweep_ev = next(e for e in rec.evidence if e["name"] == "sweep")
     assert sweep_ev["suggested_rank"] == right.r_star and sweep_ev["kind"] == "curve"
     assert sorted(int(r) for r in sweep_ev["curve"]) == [1, 2, 4]
@@ -322,6 +359,21 @@ def test_recommend_decides_from_a_sweep_of_the_same_data(sweep_inputs, tmp_path)
     with pytest.raises(LorankError, match=r"sweep\.json: this sweep was run on other data"):
         api.recommend(model, str(other), sweep=out, estimators=("capacity",), max_length=32,
                       progress=False)
+
+
+def test_gradient_checkpointing_changes_memory_not_losses(sweep_inputs, tmp_path):
+    import lorank.api as api
+
+    model, data = sweep_inputs
+    kw = dict(ranks=[2], lrs=[3e-3], seeds=[0], steps=4, batch_size=4, eval_every=2,
+              max_length=32, progress=False)
+    plain = api.sweep(model, data, out=tmp_path / "plain", **kw)
+    recomputed = api.sweep(model, data, out=tmp_path / "gc", gradient_checkpointing=True, **kw)
+    spec = json.loads((tmp_path / "gc" / "sweep.json").read_text())["spec"]
+    assert spec["recipe"]["gradient_checkpointing"] is True
+    assert "gradient_checkpointing" not in json.loads(
+        (tmp_path / "plain" / "sweep.json").read_text())["spec"]["recipe"]
+    assert recomputed.curve[2]["loss"] == pytest.approx(plain.curve[2]["loss"], rel=1e-4)
 
 
 def test_recommend_with_a_missing_sweep_exits_2(sweep_inputs, tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,6 +23,7 @@ from lorank.estimators.base import Evidence
 from lorank.estimators.capacity import capacity_evidence
 from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
+from lorank.report import atomic_write_text
 from lorank.targets import TargetSet, resolve_targets
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("capacity", "gradient")
@@ -74,7 +78,7 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
               budget: str | int | None = None, probe_method: str = "svd",
               probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
-              calib: int = 256,
+              calib: int = 256, sketch_check: bool = False,
               gradient_max_rank: int | None = None, sweep: str | Path | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
@@ -111,7 +115,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     evidence: list[Evidence] = [measured] if measured is not None else []
     probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
                   "lr": lr, "out": Path(out) if out is not None else None,
-                  "gradient": {"calib": calib, "max_rank": gradient_max_rank}}
+                  "gradient": {"calib": calib, "max_rank": gradient_max_rank,
+                               "sketch_check": sketch_check}}
     for name in estimators:
         evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
                                       batch_size=batch_size, seed=seed, progress=progress,
@@ -143,7 +148,8 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
         gradient = (probe or {}).get("gradient", {})
         return run_gradient(loaded, prepared, targets, calib=gradient.get("calib", 256),
                             max_rank=gradient.get("max_rank"), batch_size=batch_size,
-                            seed=seed, progress=progress, out=(probe or {}).get("out"))
+                            seed=seed, progress=progress, out=(probe or {}).get("out"),
+                            sketch_check=gradient.get("sketch_check", False))
     if name == "probe":
         probe = probe or {}
         return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
@@ -158,7 +164,8 @@ ESTIMATORS = ("capacity", "gradient", "probe")
 
 def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
                  calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
-                 seed: int = 0, progress: bool = True, out: Path | None = None) -> Evidence:
+                 seed: int = 0, progress: bool = True, out: Path | None = None,
+                 sketch_check: bool = False) -> Evidence:
     """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
 
     A classification model first gets its new head fitted on frozen features (on a copy, so
@@ -197,7 +204,8 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
         spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
                                      pad_token_id=loaded.pad_token_id, max_rank=max_rank,
                                      batch_size=batch_size, seed=seed, fractions=fractions,
-                                     n_train=len(prepared.train), progress=progress)
+                                     n_train=len(prepared.train), sketch_check=sketch_check,
+                                     progress=progress)
     except ValueError as err:
         raise LorankError(str(err)) from None
     evidence = spectrum.to_evidence()
@@ -252,6 +260,49 @@ def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds:
             "cost_vs_one_run": round(wall / one_run, 3)}
 
 
+PROBE_CHECKPOINT = "probe_checkpoint"  # under --out; removed once the probe has finished
+
+
+@contextmanager
+def probe_checkpoint(out: Path | None, identity: dict[str, Any]
+                     ) -> Iterator[tuple[Path, str | None]]:
+    """The probe's working directory and, when it continues an interrupted probe, a note.
+
+    With `out`, OUT/probe_checkpoint/ outlives an interruption so that the same command run
+    again resumes (the CLI promises it); it holds `identity.json` (method, model, tokenized
+    examples, recipe), and a checkpoint made for any other identity is discarded, never
+    resumed. It is removed once the probe finishes (or fails for good: a LorankError); any
+    other exception (Ctrl-C, out of memory) keeps it. Without `out`, a temporary directory.
+    """
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="lorank-probe-") as tmp:
+            yield Path(tmp), None
+        return
+    root = Path(out) / PROBE_CHECKPOINT
+    id_file = root / "identity.json"
+    wanted = json.loads(json.dumps(identity, default=str))
+    note = None
+    if root.exists():
+        try:
+            same = json.loads(id_file.read_text()) == wanted
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(root)
+            note = (f"a probe checkpoint in {root} was made with other inputs or settings: "
+                    "discarded, the probe started afresh")
+        elif len(list(root.rglob("*.json"))) > 1:  # more than identity.json: work to resume
+            note = f"continued the interrupted probe from its checkpoint in {root}"
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(id_file, json.dumps(wanted, indent=1))
+    try:
+        yield root, note
+    except LorankError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet,
               prof: data_mod.DataProfile, *, method: str = "svd", max_rank: int = 64,
               budget: str | int | None = None, lr: float | Sequence[float] = 1e-3,
@@ -267,6 +318,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     import copy
 
     from lorank.estimators.probe import (
+        SaveEvery,
         SVDCurveEvaluator,
         default_ranks,
         nested_probe,
@@ -298,9 +350,14 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     def factory():
         return copy.deepcopy(loaded.model)
 
-    pilot = None
-    with tempfile.TemporaryDirectory(prefix="lorank-pilot-") as pilot_dir:
-        if len(lrs) > 1:
+    identity = {"method": method, "model": loaded.source, "model_path": loaded.path,
+                "dtype": str(loaded.model.dtype), "lrs": lrs, "ranks": ranks,
+                "examples": data_mod.data_hash(prepared.train + prepared.val),
+                "config": config.to_dict()}
+    with probe_checkpoint(out, identity) as (work, resumed_note):
+        pilot_file = work / "pilot.json"
+        pilot = json.loads(pilot_file.read_text()) if pilot_file.exists() else None
+        if pilot is None and len(lrs) > 1:
             # SVD: the curve is read off one plain run at R, so the pilot runs at R, scores
             # each lr by that run truncated to the middle rank (where the decision is made),
             # and the winner's run is continued; nested: every rank trains, the pilot trains
@@ -311,23 +368,31 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                                        rank=max_rank if svd else pilot_rank(ranks),
                                        read_at=pilot_rank(ranks) if svd else None,
                                        seed=seed, progress=progress,
-                                       checkpoint_root=Path(pilot_dir) if svd else None)
+                                       checkpoint_root=work / "pilot" if svd else None)
+            atomic_write_text(pilot_file, json.dumps(pilot))  # a resumed probe does not pilot again
+        if pilot is not None:
             config = replace(config, learning_rate=pilot["learning_rate"])
+        # checkpoints (every quarter, eval point or not) only where a re-run can find them
+        keep = out is not None
+        saves = [SaveEvery(max(1, steps // 4))] if keep else []
         if method == "nested":
             result = nested_probe(factory, prepared.train, prepared.val,
                                   pad_token_id=loaded.pad_token_id, config=config,
                                   budget_steps=steps, max_rank=max_rank, seed=seed,
-                                  progress=progress)
+                                  progress=progress, out_dir=work / "nested" if keep else None,
+                                  resume=keep, callbacks=saves)
         else:
-            resume_dir = pilot.get("checkpoint_dir") if pilot else None
+            continued = pilot is not None and "checkpoint_dir" in pilot
+            run_dir = Path(pilot["checkpoint_dir"]) if continued else work / "run"
             # the run's one evaluation, at its last step, is the truncation curve itself
             curve_eval = SVDCurveEvaluator(ranks, prepared.val, pad_token_id=loaded.pad_token_id,
                                            train_examples=prepared.train,
                                            batch_size=batch_size, seed=seed)
             trained = train_lora(factory, prepared.train, prepared.val, config,
                                  pad_token_id=loaded.pad_token_id, progress=progress,
-                                 evaluator=curve_eval, out_dir=resume_dir,
-                                 resume=resume_dir is not None)
+                                 evaluator=curve_eval,
+                                 out_dir=run_dir if keep or continued else None,
+                                 resume=keep or continued, callbacks=saves)
             if curve_eval.result is None:
                 raise LorankError(f"svd probe: the rank-{max_rank} run failed "
                                   f"({trained.status}); try a lower --lr")
@@ -342,7 +407,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     else:
         # the run's eval seconds hold the curve (its last eval point) and, when continued from
         # the pilot, the pilot's one truncated score of its subsample
-        first = pilot["n_val"] if resume_dir is not None else 0
+        first = pilot["n_val"] if continued else 0
         run_parts = (trained.wall_seconds - trained.eval_seconds, trained.steps_done,
                      trained.eval_seconds, first + result.scored)
     evidence.details["cost"] = probe_cost(evidence.cost_seconds, *run_parts, steps=steps,
@@ -350,6 +415,8 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     evidence.details["budget"] = budget_text
     evidence.details["steps"] = steps
     evidence.details["learning_rate"] = config.learning_rate
+    if resumed_note:
+        evidence.notes.append(resumed_note)
     if pilot is not None:
         pilot["continued"] = bool(pilot.pop("checkpoint_dir", None))  # a temp dir, now gone
         evidence.details["lr_pilot"] = pilot
@@ -385,7 +452,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           targets: str = "all-linear", fmt: str | None = None, val_data: str | Path | None = None,
           max_length: int = 512, lora_alpha: float | None = None, warmup_ratio: float = 0.1,
           storage: str | None = None, prune: bool = False, skip_margin: float | None = None,
-          max_trials: int | None = None, out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
+          max_trials: int | None = None, gradient_checkpointing: bool = False,
+          out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
           device: str = "cpu", trust_remote_code: bool = False, progress: bool = True):
     """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`)."""
     from lorank.sweep import SweepSpec, model_factory_from, run_sweep
@@ -404,6 +472,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
               "eval_every": eval_every or max(1, steps // 4),
               "lora_alpha": lora_alpha or DEFAULT_ALPHA, "use_rslora": True,
               "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
+    if gradient_checkpointing:  # only when on, so studies made before the option keep their identity
+        recipe["gradient_checkpointing"] = True
     spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe,
                      skip_margin=skip_margin)
     meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,

@@ -342,6 +342,17 @@ def pending_tasks(results: Path) -> dict[str, str]:
             if (p / "sweep.json").exists() and (gap := sweep_gap(load_sweep(p)))}
 
 
+def probe_curves(task_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """The stored probes' rank-loss curves, to overlay on the sweep's (one run each)."""
+    curves = {}
+    for name in ("nested-probe", "svd-probe"):
+        path = Path(task_dir) / "estimators" / f"{name}.json"
+        if path.exists() and (curve := json.loads(path.read_text()).get("curve")):
+            curves[f"{name} (one run)"] = {int(r): row for r, row in curve.items()
+                                           if row and np.isfinite(row.get("loss", np.nan))}
+    return curves
+
+
 def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]:
     """Score every task under `results` whose sweep is complete (see `sweep_gap`) and write
     BENCHMARKS tables, JSON and plots."""
@@ -359,7 +370,7 @@ def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]
         sweep = load_sweep(t)
         curve = {int(r): row for r, row in sweep["curve"].items() if row}
         picks = {row["method"]: row["r_rec"] for row in s["rows"]}
-        plot_rank_curve({"sweep (best lr)": curve}, t / "bench.png",
+        plot_rank_curve({"sweep (best lr)": curve} | probe_curves(t), t / "bench.png",
                         picks=picks | {"r*": s["truth"]["r_star"]}, title=f"{t.name}")
     atomic_write_text(results / "scores.json", json.dumps(scored, indent=1))
     if out_md is not None:
@@ -392,6 +403,15 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
         lines.append(f"| {o['method']} | {o['tasks']} | {o['mean_regret']:.2%} | "
                      f"{o['worst_regret']:.2%} | {o['within_tol']}/{o['tasks']} | "
                      f"{o['mean_waste']:.2f} | {o['mean_cost']:.3f} |")
+    agreement: dict[str, list[float]] = {}
+    for s in scored:
+        for name, rho in s.get("curve_agreement", {}).items():
+            agreement.setdefault(name, []).append(rho)
+    if agreement:
+        lines += ["", "Which probe tracks the independent runs' curve (Spearman rank correlation "
+                  "with the sweep's L(r), per task): " + "; ".join(
+                      f"{name} mean {np.mean(v):.2f} (from {min(v):.2f} to {max(v):.2f}, "
+                      f"{len(v)} tasks)" for name, v in agreement.items()) + "."]
     for name, gap in pending_tasks(results).items():
         lines += ["", f"Not scored yet, its sweep is incomplete: {name} ({gap})."]
     for s in scored:

@@ -76,6 +76,8 @@ def analyze(
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
     max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
     batch_size: int = typer.Option(8, help="batch size of the forward/backward passes"),
+    sketch_check: bool = typer.Option(False, help="report each sketched layer's principal "
+                                      "angles to an independent replica sketch (costs more)"),
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
     out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -87,7 +89,7 @@ def analyze(
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
-               gradient_max_rank=max_rank, progress=not quiet)
+               gradient_max_rank=max_rank, sketch_check=sketch_check, progress=not quiet)
     console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
@@ -197,6 +199,8 @@ def sweep(
     skip_margin: float = typer.Option(None, help="nats: a later seed skips an lr that lost to "
                                       "its rank's best lr by more at the first seed [off]"),
     max_trials: int = typer.Option(None, help="stop this worker after N trials"),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in "
+                                                "backward: less memory, more time"),
     out: Path = typer.Option(Path("lorank-sweep"), help="output directory"),
     seed: int = typer.Option(0, help="seed of the task build and the train/validation split"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -216,7 +220,10 @@ def sweep(
     if task is not None:
         from lorank.api import task_inputs
 
-        model, data, val_data, recipe = task_inputs(task, out, seed=seed)
+        task_model, task_data, task_val, recipe = task_inputs(task, out, seed=seed)
+        if data is None:  # the task's validation split belongs to the task's own data
+            data, val_data = task_data, val_data or task_val
+        model = model or task_model
         defaults |= recipe
     elif model is None or data is None:
         raise LorankError("sweep needs --model and --data, or --task NAME")
@@ -228,7 +235,8 @@ def sweep(
                        eval_every=eval_every, targets=targets, fmt=fmt, val_data=val_data,
                        max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
                        storage=storage, prune=prune, skip_margin=opts["skip_margin"],
-                       max_trials=max_trials, out=out, seed=seed,
+                       max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
+                       out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                        progress=not quiet)
     from rich.table import Table

@@ -14,6 +14,7 @@ from lorank.estimators.base import Evidence
 from lorank.targets import CANDIDATE_RANKS, TargetSet, adapter_bytes, memory_estimate
 
 DEFAULT_ALPHA = 8.0  # = lorank.train.DEFAULT_ALPHA; rsLoRA scale alpha / sqrt(r), fixed alpha
+DEFAULT_RSLORA = True
 CURVE_TRUST = ("sweep", "probe", "svd-probe")
 
 
@@ -56,9 +57,14 @@ def snap_up(rank: float, ranks: list[int]) -> int:
 
 def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | None = None,
            task: str = "causal", batch_size: int = 8, seq_len: int = 512,
-           lora_alpha: float = DEFAULT_ALPHA, inputs: dict[str, Any] | None = None
-           ) -> Recommendation:
-    """Turn the estimators' Evidence into one Recommendation (see module docstring)."""
+           lora_alpha: float | None = None, use_rslora: bool | None = None,
+           inputs: dict[str, Any] | None = None) -> Recommendation:
+    """Turn the estimators' Evidence into one Recommendation (see module docstring).
+
+    `lora_alpha` / `use_rslora` left None take the scaling rule of the curve that decides
+    (a rank measured under one rule is only right under that rule, DESIGN.md), else lorank's
+    default (alpha 8, rsLoRA).
+    """
     ranks = ranks or candidate_ranks(targets)
     rationale: list[str] = []
     warnings: list[str] = []
@@ -74,7 +80,7 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         confidence = chosen.details.get("confidence", "medium")
         rationale.append(f"{chosen.name}: smallest rank within tolerance of the best measured "
                          f"loss is {chosen.suggested_rank}")
-        shape, message = curve_shape(chosen.curve)
+        shape, message = curve_shape(chosen.curve, rule_tolerance(chosen))
         rationale.append(message)
         if shape in ("still falling", "noisy"):
             confidence = "low"
@@ -119,6 +125,14 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         if e.kind == "ceiling":
             rationale += [n for n in e.notes if n not in rationale]
 
+    rule = scaling_rule(curves[0]) if curves else None
+    if rule is not None and (lora_alpha is None or use_rslora is None):
+        scale = "rsLoRA, scale alpha/sqrt(r)" if rule[1] else "scale alpha/r"
+        rationale.append(f"lora_alpha {rule[0]:g} ({scale}): the scaling rule the "
+                         f"{curves[0].name} measured the rank under")
+    rule = rule or (DEFAULT_ALPHA, DEFAULT_RSLORA)
+    lora_alpha = rule[0] if lora_alpha is None else lora_alpha
+    use_rslora = rule[1] if use_rslora is None else use_rslora
     if pattern:
         pattern = {k: max(1, min(v, targets.max_rank)) for k, v in pattern.items() if v != rank}
         params = targets.params_pattern(rank, pattern)
@@ -134,8 +148,10 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
             "says": {e.name: e.per_rank.get(r, "") for e in evidence},
         })
     return Recommendation(
-        rank=rank, lora_alpha=lora_alpha, use_rslora=True,
+        rank=rank, lora_alpha=lora_alpha, use_rslora=use_rslora,
         target_modules=targets.peft_target_modules, modules_to_save=targets.modules_to_save,
+        # no alpha_pattern: with one fixed alpha the scale rule (alpha/sqrt(r) under rsLoRA)
+        # already gives each rank_pattern layer the scale of its own rank
         rank_pattern=pattern, alpha_pattern={}, trainable_params=params,
         adapter_bytes=4 * params, memory=memory, confidence=confidence,
         evidence=[e.to_dict() for e in evidence], rationale=rationale, warnings=warnings,
@@ -144,10 +160,34 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
     )
 
 
-def curve_shape(curve: dict[int, dict[str, float]]) -> tuple[str, str]:
+def scaling_rule(e: Evidence) -> tuple[float, bool] | None:
+    """(lora_alpha, use_rslora) the evidence's runs were trained with, if it says: the probe's
+    `details["config"]`, a sweep's recipe in `details["recipe"]`."""
+    for key in ("config", "recipe"):
+        cfg = e.details.get(key) or {}
+        if cfg.get("lora_alpha") is not None:
+            return float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", DEFAULT_RSLORA))
+    return None
+
+
+def rule_tolerance(e: Evidence) -> dict[int, float] | None:
+    """Per-rank tolerance the rank rule judged the curve with (paired SE, from per-example
+    losses): a sweep's `details["truth"]`, a probe's `details["decision"]`. None if absent."""
+    truth = (e.details.get("truth") or {}).get("tol")
+    if truth:
+        return {int(r): float(t) for r, t in truth.items()}
+    per_rank = (e.details.get("decision") or {}).get("per_rank") or {}
+    tol = {int(r): float(p["tol"]) for r, p in per_rank.items() if "tol" in p}
+    return tol or None
+
+
+def curve_shape(curve: dict[int, dict[str, float]],
+                rule_tol: dict[int, float] | None = None) -> tuple[str, str]:
     """Name the shape of a rank–loss curve and say what it means for the user.
 
-    With L the losses, best = argmin, tol = max(1% of L_best, 2 * se) per rank:
+    With L the losses, best = argmin, tol per rank = `rule_tol` (the rank rule's own, paired
+    SE: the shape then never says "flat" while the rule picks a larger rank) or, for ranks it
+    lacks, max(1% of L_best, 2 * se) with the curve's unpaired se:
       - "flat": every rank within tol of the best -> any rank works, take the smallest;
       - "still falling": the best is the largest rank and the one below is worse by more than
         tol -> the curve has not flattened: raise the maximum rank;
@@ -159,7 +199,9 @@ def curve_shape(curve: dict[int, dict[str, float]]) -> tuple[str, str]:
     ranks = sorted(curve)
     L = {r: float(curve[r]["loss"]) for r in ranks}
     best = min(ranks, key=lambda r: (L[r], r))
-    tol = {r: max(0.01 * L[best], 2 * float(curve[r].get("se", 0.0))) for r in ranks}
+    rule_tol = rule_tol or {}
+    tol = {r: rule_tol[r] if r in rule_tol else
+           max(0.01 * L[best], 2 * float(curve[r].get("se", 0.0))) for r in ranks}
     if len(ranks) == 1:
         return "single", f"only rank {ranks[0]} was measured"
     if all(L[r] <= L[best] + tol[r] for r in ranks):

@@ -173,13 +173,45 @@ def plot_rank_curve(curves: dict[str, dict[int, dict[str, float]]], path: Path, 
         loss = [curve[r]["loss"] for r in ranks]
         se = [curve[r].get("se", 0.0) for r in ranks]
         ax.errorbar(ranks, loss, yerr=[2 * s for s in se], marker="o", capsize=3, label=label)
-    for i, (name, rank) in enumerate((picks or {}).items()):
-        ax.axvline(rank, linestyle="--", alpha=0.6, color=f"C{(i + 3) % 10}", label=f"{name}: r={rank}")
+    by_rank: dict[int, list[str]] = {}  # one line per picked rank, naming every method on it
+    for name, rank in (picks or {}).items():
+        by_rank.setdefault(rank, []).append(name)
+    for i, (rank, names) in enumerate(sorted(by_rank.items())):
+        ax.axvline(rank, linestyle="--", alpha=0.6, color=f"C{(i + len(curves)) % 10}",
+                   label=f"r={rank}: " + ", ".join(names))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if by_rank:  # the legend beside the axes, so it never covers the curve
+        fig.set_size_inches(10, 4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_learning_curves(trials: list[dict], curve: dict[int, dict], path: Path) -> None:
+    """Validation loss against step for each rank's runs at its best lr (one line per seed),
+    to see whether runs converged and whether a rank's best lr was still improving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, rank in enumerate(sorted(curve)):
+        runs = [t for t in trials if t["rank"] == rank and t["lr"] == curve[rank]["lr"]
+                and t["status"] == "ok" and t.get("curve")]
+        for j, run in enumerate(sorted(runs, key=lambda t: t["seed"])):
+            steps, _, val = zip(*run["curve"], strict=True)
+            ax.plot(steps, val, color=f"C{i % 10}", alpha=0.8, linestyle="-" if j == 0 else ":",
+                    label=f"r={rank} (lr {curve[rank]['lr']:g})" if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("learning curves at each rank's best lr (dotted: later seeds)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save_figure(fig, path)
     plt.close(fig)
 
@@ -190,37 +222,57 @@ def escape(text: str) -> str:
 
 
 def write_gradient_report(spectrum, out: Path) -> None:
-    """Per-layer table (markdown) and one plot per layer group (spectra, cross-fitted t)."""
+    """Per-layer table (markdown) and one plot per layer group: left, the spectra of halves A
+    and B (directions the data asks for stand out in both; noise differs between them); right,
+    the cross-fitted t of both directions (A's directions on B, B's on A) against the noise
+    band, whose top edge is the max-statistic threshold a direction must clear to count."""
     rows = spectrum.layer_table()
     cols = ["layer", "shape", "method", "replication_by_fraction", "replication",
             "gavish_donoho", "energy90", "energy95", "replicated_energy90", "stable",
-            "extrapolated", "interval",
-            "exponent", "top_t"]
+            "extrapolated", "interval", "exponent", "top_t", "inputs90", "inputs95",
+            "sketch_angle"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |"
+              for r in rows]
+    lines += ["", "inputs90 / inputs95: input directions holding 90% / 95% of the layer's input "
+              "energy (real tokens). sketch_angle: largest principal angle (degrees) between a "
+              "sketched layer's top signal subspaces and an independent replica sketch's; – for "
+              "exact layers."]
     atomic_write_text(Path(out) / "gradient_layers.md", "\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     groups: dict[str, list] = {}
     for layer in spectrum.layers:
         groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
     for group, layers in groups.items():
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
         cmap = plt.get_cmap("viridis")
+        band = max(max(layer.threshold_ab, layer.threshold_ba) for layer in layers)
+        right.axhspan(-band, band, color="grey", alpha=0.15, lw=0)
         for i, layer in enumerate(layers):
             color = cmap(i / max(len(layers) - 1, 1))
-            sv = np.asarray(layer.singular_values, float)
-            left.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), color=color, lw=1)
-            t = np.asarray(layer.t_ab, float)
-            right.plot(np.arange(1, len(t) + 1), t, color=color, lw=1, alpha=0.8)
-            right.axhline(layer.threshold_ab, color=color, ls=":", lw=0.8)
-        left.set(title=f"{group}: singular values of G (shallow→deep)", xlabel="direction",
-                 ylabel="σ")
+            for values, ls in ((layer.singular_values_a, "-"), (layer.singular_values_b, "--")):
+                sv = np.asarray(values, float)
+                left.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv, 1e-12), color=color,
+                              ls=ls, lw=1)
+            for t, thr, ls in ((layer.t_ab, layer.threshold_ab, "-"),
+                               (layer.t_ba, layer.threshold_ba, "--")):
+                right.plot(np.arange(1, len(t) + 1), np.asarray(t, float), color=color, ls=ls,
+                           lw=1, alpha=0.8)
+                right.axhline(thr, color=color, ls=":", lw=0.8)
+        left.set(title=f"{group}: singular values of each half (shallow→deep)",
+                 xlabel="direction", ylabel="σ")
+        left.legend(handles=[Line2D([], [], color="k", ls="-", label="half A"),
+                             Line2D([], [], color="k", ls="--", label="half B")], fontsize=7)
         right.axhline(0, color="grey", lw=0.5)
-        right.set(title="cross-fitted t (A's directions on B); dotted: noise threshold",
+        right.set(title="cross-fitted t; dotted: threshold; grey: noise band",
                   xlabel="direction", ylabel="t")
+        right.legend(handles=[Line2D([], [], color="k", ls="-", label="A's directions on B"),
+                              Line2D([], [], color="k", ls="--", label="B's directions on A")],
+                     fontsize=7)
         save_figure(fig, Path(out) / f"gradient_{group}.png")
         plt.close(fig)

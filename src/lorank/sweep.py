@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
-from lorank.report import atomic_write_text, plot_rank_curve, progress_bar
+from lorank.report import atomic_write_text, plot_learning_curves, plot_rank_curve, progress_bar
 from lorank.scoring import curve_right_rank
 from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
 
@@ -554,6 +554,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
         if curve:
             plot_rank_curve({"sweep": curve}, Path(out) / "rank_loss.png",
                             title="sweep: best validation loss per rank")
+            plot_learning_curves(trials, curve, Path(out) / "learning_curves.png")
     return result
 
 
@@ -621,7 +622,8 @@ def sweep_evidence(out: Path, data_hash: str | None = None) -> Evidence:
                      row["seeds"] for row in curve.values()) > 1 else "medium",
                  "tol": right.tol[r_star], "truth": right.to_dict(),
                  "best_lr": {r: row["lr"] for r, row in sorted(curve.items())},
-                 "n_trials": len(trials), "grid": grid, "sweep": str(out)},
+                 "n_trials": len(trials), "grid": grid, "sweep": str(out),
+                 "recipe": spec.get("recipe", {})},  # its scaling rule goes into the export
         cost_seconds=float(sum(t.get("wall_seconds") or 0.0 for t in trials)),
     )
 

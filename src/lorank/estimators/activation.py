@@ -12,6 +12,9 @@ input; q/k/v reading the same tensor share one accumulator); above that a Nystro
 Y = C Omega (d_in x k) is accumulated instead and C's top eigenvalues recovered from it
 (Tropp, Yurtsever, Udell and Cevher 2017, "Fixed-rank approximation of a positive-semidefinite
 matrix from streaming data"). The trace, sum_t ||x_t||^2, is always exact.
+
+The gradient spectrum reuses this machinery (Gram, input_layer) inside its own passes, whose
+hooks already see every target layer's input: there the input spectrum costs no extra pass.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ def activation_spectrum(
             )
     device = next(model.parameters()).device
     grams = {
-        name: _Gram(modules[name].in_features, exact_max_dim, sketch_rank, seed + i, device)
+        name: Gram(modules[name].in_features, exact_max_dim, sketch_rank, seed + i, device)
         for i, name in enumerate(target_names)
     }
     owner: dict[str, str] = {}  # target -> target whose accumulator it shares
@@ -195,7 +198,7 @@ def activation_spectrum(
                 first_batch[name] = x
             elif owner[name] != name:
                 return
-            grams[name].add(_real_tokens(x, current["mask"]))
+            grams[name].add(real_tokens(x, current["mask"]))
 
         return hook
 
@@ -210,7 +213,7 @@ def activation_spectrum(
                 current["mask"] = batch["attention_mask"]
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 if i == 0:
-                    _share(target_names, first_batch, owner, grams)
+                    share_inputs(target_names, first_batch, owner, grams)
                     first_batch.clear()
                 advance()
     finally:
@@ -218,31 +221,11 @@ def activation_spectrum(
             h.remove()
         model.train(was_training)
 
-    layers = []
-    for name in target_names:
-        gram = grams[owner[name]]
-        eig = gram.eigenvalues()
-        trace = max(gram.trace, 1e-300)
-        ranks, capped = {}, False
-        for p in energy:
-            hit = np.nonzero(np.cumsum(eig) / trace >= p - 1e-12)[0]
-            ranks[str(p)] = int(hit[0] + 1) if len(hit) else len(eig)
-            capped |= not len(hit)
-        layers.append(
-            ActivationLayer(
-                name=name,
-                d_in=modules[name].in_features,
-                d_out=modules[name].out_features,
-                method="exact" if gram.exact else "sketch",
-                n_tokens=gram.n_tokens,
-                trace=float(gram.trace),
-                eigenvalues=[float(v) for v in eig[:512]],
-                energy_ranks=ranks,
-                energy_capped=capped,
-                participation_ratio=float(gram.trace**2 / max(float((eig**2).sum()), 1e-300)),
-                shares_input_with=None if owner[name] == name else owner[name],
-            )
-        )
+    layers = [
+        input_layer(name, modules[name], grams[owner[name]], energy,
+                    None if owner[name] == name else owner[name])
+        for name in target_names
+    ]
     return ActivationSpectrum(
         layers=layers,
         energy=tuple(energy),
@@ -257,25 +240,64 @@ def activation_spectrum(
     )
 
 
-def _real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def input_layer(
+    name: str,
+    module: nn.Linear,
+    gram: Gram,
+    energy: tuple[float, ...],
+    shares_input_with: str | None = None,
+) -> ActivationLayer:
+    """One layer's input spectrum from its accumulated Gram matrix: energy ranks (the fewest
+    eigen-directions holding each fraction p of the trace), participation ratio, top eigenvalues.
+    Shared by this module's own pass and the gradient spectrum's, which reads x in its hooks."""
+    eig = gram.eigenvalues()
+    trace = max(gram.trace, 1e-300)
+    ranks, capped = {}, False
+    for p in energy:
+        hit = np.nonzero(np.cumsum(eig) / trace >= p - 1e-12)[0]
+        ranks[str(p)] = int(hit[0] + 1) if len(hit) else len(eig)
+        capped |= not len(hit)
+    return ActivationLayer(
+        name=name,
+        d_in=module.in_features,
+        d_out=module.out_features,
+        method="exact" if gram.exact else "sketch",
+        n_tokens=gram.n_tokens,
+        trace=float(gram.trace),
+        eigenvalues=[float(v) for v in eig[:512]],
+        energy_ranks=ranks,
+        energy_capped=capped,
+        participation_ratio=float(gram.trace**2 / max(float((eig**2).sum()), 1e-300)),
+        shares_input_with=shares_input_with,
+    )
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Rows of x at non-padding positions (all rows when x is not per-token)."""
     if x.dim() == 3 and x.shape[:2] == mask.shape:
         return x[mask.bool()]
     return x.reshape(-1, x.shape[-1])
 
 
-def _share(
+def _input_key(x: torch.Tensor) -> tuple:
+    """Identifies the tensor a layer reads by its memory (storage, offset, shape, strides), so
+    that detached views of one tensor (as output-gradient hooks hand over) match too. Valid
+    only while the tensors compared are alive: keep them referenced until compared."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride())
+
+
+def share_inputs(
     names: list[str],
     first: dict[str, torch.Tensor],
     owner: dict[str, str],
-    grams: dict[str, _Gram],
+    grams: dict[str, Gram],
 ) -> None:
     """Targets that read the very same tensor (q, k, v) share the first one's accumulator;
     the others' first-batch contributions are dropped (they duplicate the owner's)."""
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for name in names:
         x = first.get(name)
-        key = id(x) if x is not None else None
+        key = _input_key(x) if x is not None else None
         if key is not None and key in seen:
             owner[name] = seen[key]
             grams[name] = grams[seen[key]]
@@ -285,7 +307,7 @@ def _share(
                 seen[key] = name
 
 
-class _Gram:
+class Gram:
     """Streaming C = sum_t x_t x_t^T: exact, or a Nystrom sketch C Omega for wide inputs."""
 
     def __init__(
@@ -303,13 +325,15 @@ class _Gram:
             self.y = torch.zeros(d, self.k, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        self.trace += float((x**2).sum())
+        """One batch's rows: products in float32 (float64 matmuls are ~2x slower and this runs
+        inside the gradient spectrum's passes too), summed across batches in float64."""
+        x = x.float()
+        self.trace += float((x**2).sum(dtype=torch.float64))
         self.n_tokens += x.shape[0]
         if self.exact:
-            self.c += x.T @ x
+            self.c += (x.T @ x).double()
         else:
-            self.y += x.T @ (x @ self.omega)
+            self.y += (x.T @ (x @ self.omega.float())).double()
 
     def eigenvalues(self) -> np.ndarray:
         """Eigenvalues of C, largest first (the sketch gives the top k)."""

@@ -40,6 +40,13 @@ noise has mean zero). The replication count answers "how many directions are rea
 enough data nearly every direction is, however weak, so it grows with n toward max_rank. The
 replicated energy answers "how many carry the signal". Which rule tracks the sweep's r* is the
 benchmark's question.
+
+Also per layer, from the same passes: the spectrum of each half (G_A and G_B's top singular
+values); for sketched layers, principal angles between the sketch's top subspaces and an
+independent replica sketch's (`_Tap._sketch_check`), the sketch's measured accuracy where exact
+SVD is out of reach; and the input spectrum (`lorank.estimators.activation`): how many input
+directions hold 90% / 95% of the inputs' energy, second evidence for where rank goes across
+layers, read by the same hooks on the examples' real tokens (passes 1 and 2, each example once).
 """
 
 from __future__ import annotations
@@ -55,6 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorank.data import collate
+from lorank.estimators.activation import (
+    ActivationLayer,
+    Gram,
+    input_layer,
+    real_tokens,
+    share_inputs,
+)
 from lorank.estimators.base import Evidence
 from lorank.hooks import OutputGradientTaps
 from lorank.report import ticker
@@ -62,6 +76,7 @@ from lorank.report import ticker
 # Exact layers at least 4x wider than max_rank + TOP_OVERSAMPLE find the directions they hand to
 # the other half with a randomized range finder (TOP_NITER power iterations), not a full SVD.
 TOP_OVERSAMPLE, TOP_NITER = 16, 2
+INPUT_ENERGY = (0.9, 0.95)  # input-spectrum energy levels reported per layer
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable",
          "replicated_energy90", "replicated_energy95")
 
@@ -89,17 +104,31 @@ class LayerSpectrum:
     threshold_ab: float  # max-statistic threshold, in t units, full data
     threshold_ba: float
     singular_values: list[float]  # top singular values of G = G_A + G_B, full data
+    singular_values_a: list[float]  # top singular values of G_A alone, full data
+    singular_values_b: list[float]  # top singular values of G_B alone, full data
     total_energy: float  # ||G||_F^2, full data
     noise_sigma: float  # per-entry noise sd of G from the halves' difference
     gd_threshold: float
     energy_capped: bool  # energy rank hit max_rank (the spectrum is flatter than max_rank)
+    sketch_check: dict[str, Any] | None  # sketched layers: angles to an independent replica
+    inputs: ActivationLayer | None  # spectrum of the layer's inputs over the same tokens
     u: np.ndarray | None = field(default=None, repr=False)  # top left singular vectors of G
     v: np.ndarray | None = field(default=None, repr=False)  # top right singular vectors of G
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("u", "v")}
         d["ranks"] = {k: list(v) for k, v in self.ranks.items()}
+        if self.inputs is not None:  # top eigenvalues only: hundreds of layers share the JSON
+            d["inputs"] = {**self.inputs.to_dict(), "eigenvalues": self.inputs.eigenvalues[:64]}
         return d
+
+    def input_rank(self, p: float) -> int | None:
+        """Input directions holding a fraction p (0.9 or 0.95) of the inputs' energy."""
+        return None if self.inputs is None else self.inputs.energy_ranks.get(str(p))
+
+    def sketch_angle(self) -> float | None:
+        """Largest principal angle (degrees) between the sketch and its replica, or None."""
+        return None if self.sketch_check is None else self.sketch_check["max_deg"]
 
 
 @dataclass
@@ -175,6 +204,9 @@ class GradientSpectrum:
                     "interval": [round(fit["interval"][0], 2), round(fit["interval"][1], 2)],
                     "exponent": round(fit["exponent"], 3),
                     "top_t": round(max(layer.t_ab[:1] + layer.t_ba[:1], default=0.0), 2),
+                    "inputs90": layer.input_rank(0.9),
+                    "inputs95": layer.input_rank(0.95),
+                    "sketch_angle": _round(layer.sketch_angle(), 1),
                 }
             )
         return rows
@@ -257,6 +289,10 @@ def _check_rule(rule: str) -> str:
     return rule
 
 
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
 def _global(ranks: list[float], q: float, max_rank: int) -> int:
     value = math.ceil(float(np.quantile(np.asarray(ranks), q, method="higher")) - 1e-9)
     return min(max_rank, 1 << max(0, value - 1).bit_length())  # next power of two, >= 1
@@ -284,6 +320,8 @@ def gradient_spectrum(
     n_flips: int = 1000,
     max_groups: int = 256,
     global_quantile: float = 0.9,
+    input_sketch_rank: int = 128,
+    sketch_check: bool = False,
     progress: bool = True,
 ) -> GradientSpectrum:
     """Measure each target layer's gradient spectrum on `examples` (see the module docstring).
@@ -296,6 +334,12 @@ def gradient_spectrum(
       tails, so oversampling is what buys accuracy for the weaker signal directions.
     max_groups: examples of a half are summed into at most this many groups before the sign
       flips, which keeps memory O(max_groups * max_rank) per layer on large calibration sets.
+    input_sketch_rank: width of the Nystrom sketch of the input Gram matrix on sketched layers
+      (exact layers keep the d_in x d_in matrix); input energy ranks above it are floors.
+    sketch_check: also accumulate an independent replica of every sketch and report the
+      principal angles between the two (`LayerSpectrum.sketch_check`). Off by default: it
+      costs one more sketch per sketched layer per token (MiniLM-L6, 256 examples: 2.8x one
+      forward+backward without it, 4.4x with it; benchmarks/gradient_cost.py).
     """
     start = time.perf_counter()
     _check_rule(rule)
@@ -318,6 +362,8 @@ def gradient_spectrum(
             plan.n_groups,
             seed + i,
             device,
+            input_sketch_rank,
+            sketch_check,
         )
         for i, (name, module) in enumerate(taps_spec)
     ]
@@ -346,7 +392,11 @@ def gradient_spectrum(
     timings["analysis"] = time.perf_counter() - t0
     notes = []
     if any(layer.method == "sketch" for layer in layers):
-        notes.append("layers above exact_max_dim were read through randomized sketches")
+        notes.append(
+            "layers above exact_max_dim were read through randomized sketches"
+            + ("; sketch_check gives the principal angles between each sketch and an "
+               "independent replica" if sketch_check else "")
+        )
     return GradientSpectrum(
         layers=layers,
         fractions=tuple(fractions),
@@ -363,6 +413,7 @@ def gradient_spectrum(
             "oversample": oversample,
             "n_flips": n_flips,
             "max_groups": max_groups,
+            "input_sketch_rank": input_sketch_rank,
             "groups_per_half": plan.n_groups,
             "timings": timings,
         },
@@ -481,6 +532,8 @@ class _Tap:
         n_groups: int,
         seed: int,
         device: torch.device,
+        input_sketch_rank: int = 128,
+        sketch_check: bool = False,
     ):
         self.name, self.module = name, module
         self.d_out, self.d_in = module.out_features, module.in_features
@@ -492,6 +545,18 @@ class _Tap:
             gen = torch.Generator().manual_seed(seed)
             self.omega = torch.randn(self.d_in, self.k + self.h, generator=gen).to(device)
             self.psi = torch.randn(self.l, self.d_out, generator=gen).to(device)
+        self.replica_acc: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.check = sketch_check and not exact
+        if self.check:
+            # an independent replica of the sketch (width k), over all the data: the angles
+            # between its top subspaces and the main sketch's are what the output reports
+            self.omega2 = torch.randn(self.d_in, self.k, generator=gen).to(device)
+            self.psi2 = torch.randn(self.l, self.d_out, generator=gen).to(device)
+        self.replica: tuple[np.ndarray, np.ndarray] | None = None  # its top (U, V)
+        # input Gram matrix over real tokens: exact when G is, else a Nystrom sketch
+        self.gram = Gram(self.d_in, self.d_in if exact else 0, input_sketch_rank, seed, device)
+        self.shares_input_with: str | None = None
+        self.half_sv: dict[int, list[float]] = {}  # half -> its top singular values, full data
         self.acc: dict[tuple[int, int], Any] = {}
         self.dirs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # read half -> (U, V)
         self.proj = {h: torch.zeros(n_groups, n_frac * max_rank, device=device) for h in (0, 1)}
@@ -505,10 +570,9 @@ class _Tap:
             g = d.T @ x
             self.acc[key] = g if key not in self.acc else self.acc[key] + g
             return
-        y, w = d.T @ (x @ self.omega), (d @ self.psi.T).T @ x
-        if key in self.acc:
-            y, w = y + self.acc[key][0], w + self.acc[key][1]
-        self.acc[key] = (y, w)
+        self.acc[key] = _add_sketch(self.acc.get(key), x, d, self.omega, self.psi)
+        if self.check:
+            self.replica_acc = _add_sketch(self.replica_acc, x, d, self.omega2, self.psi2)
 
     def project(self, half: int, groups: torch.Tensor, x: torch.Tensor, d: torch.Tensor) -> None:
         """x: (B, T, d_in), d: (B, T, d_out): add sum_t (u_i^T d_t)(x_t^T v_i) per example."""
@@ -561,8 +625,11 @@ class _Tap:
         u, s, v = _svd_of_factors(q, x, self.r, summary[0].dtype)
         return u, s, v, total
 
-    def _top_directions(self, summary: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top max_rank singular vectors of one half, the directions read on the other half.
+    def _top_directions(
+        self, summary: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top max_rank singular vectors of one half, the directions read on the other half,
+        and the singular values that come with them.
 
         An exact layer far wider than max_rank uses a randomized range finder with power
         iterations (Halko et al. 2011) instead of a full SVD: the cross-fitted test is valid
@@ -572,10 +639,9 @@ class _Tap:
         if self.exact and 4 * (self.r + TOP_OVERSAMPLE) <= m:
             with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG untouched
                 torch.manual_seed(self.seed)
-                u, _, v = torch.svd_lowrank(summary, q=self.r + TOP_OVERSAMPLE, niter=TOP_NITER)
-            return u[:, : self.r], v[:, : self.r]
-        u, _, v = self._svd(summary, self.r)
-        return u, v
+                u, s, v = torch.svd_lowrank(summary, q=self.r + TOP_OVERSAMPLE, niter=TOP_NITER)
+            return u[:, : self.r], s, v[:, : self.r]
+        return self._svd(summary, self.r)
 
     def _energy(self, summary: Any, x: torch.Tensor | None = None) -> float:
         """||G||_F^2: exact, or from the sketches with the reconstruction G^ = Q X as a control
@@ -592,8 +658,14 @@ class _Tap:
         return max(0.0, float((x**2).sum()) + residual / self.h)
 
     def top_pairs(self, half: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Top max_rank singular pairs of G_half at each fraction."""
-        return [self._top_directions(self._summary(half, j + 1)) for j in range(self.n_frac)]
+        """Top max_rank singular pairs of G_half at each fraction; keeps the half's singular
+        values on the full data (the "spectrum of each half" in the output)."""
+        pairs = []
+        for j in range(self.n_frac):
+            u, s, v = self._top_directions(self._summary(half, j + 1))
+            pairs.append((u, v))
+        self.half_sv[half] = [float(x) for x in s[: self.r]]
+        return pairs
 
     def set_directions(
         self, read_half: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -623,6 +695,11 @@ class _Tap:
                 entry["u"], entry["v"] = u.cpu().numpy(), v.cpu().numpy()
             self.full.append(entry)
         self.acc.clear()
+        if not self.exact and self.replica_acc is not None:
+            y2, w2 = self.replica_acc
+            u2, _, v2 = sketch_svd(y2, w2, self.psi2, self.r)
+            self.replica = (u2.cpu().numpy(), v2.cpu().numpy())
+            self.replica_acc = None
 
     def finish(self, plan: _Plan, alpha: float, n_flips: int, seed: int) -> LayerSpectrum:
         """Turn the stored projections and spectra into ranks under every rule."""
@@ -668,9 +745,59 @@ class _Tap:
             noise_sigma=float(last["sigma"]),
             gd_threshold=float(last["gd_threshold"]),
             energy_capped=energy_rank(last["s"], last["total"], 0.95, self.r + 1) > self.r,
+            singular_values_a=self.half_sv.get(0, []),
+            singular_values_b=self.half_sv.get(1, []),
+            sketch_check=self._sketch_check(last, int(ranks["replication"][-1])),
+            inputs=input_layer(self.name, self.module, self.gram, INPUT_ENERGY,
+                               self.shares_input_with),
             u=last["u"],
             v=last["v"],
         )
+
+
+    def _sketch_check(self, last: dict[str, Any], signal_rank: int) -> dict[str, Any] | None:
+        """Principal angles between the main sketch's top-m singular subspaces (left and right)
+        and those of an independent replica sketch of the same G, m = max(1, signal rank).
+
+        Why a replica and not exact SVD: a sketched layer is one too large to hold G, so the
+        exact subspaces are not available. Two independent sketches err in independent random
+        directions, so their angle is about sqrt(2) times each one's angle to the truth: a
+        measured, not assumed, accuracy of the subspaces the rank rests on. A large angle can
+        also mean the subspace itself is ill-defined (no gap after the m-th singular value),
+        which exact SVD would not resolve either. Cost: one more sketch of width k over the
+        data, O(k (d_in + d_out)) memory. None for exact layers.
+        """
+        if self.replica is None:
+            return None
+        m = max(1, min(signal_rank, self.r))
+        ang_u = principal_angles_deg(last["u"][:, :m], self.replica[0][:, :m])
+        ang_v = principal_angles_deg(last["v"][:, :m], self.replica[1][:, :m])
+        return {
+            "dim": m,
+            "angles_u_deg": [round(float(a), 3) for a in ang_u],
+            "angles_v_deg": [round(float(a), 3) for a in ang_v],
+            "max_deg": float(max(ang_u.max(), ang_v.max())),
+        }
+
+
+def principal_angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (degrees, smallest first) between the column spans of a and b."""
+    qa, _ = np.linalg.qr(np.asarray(a, dtype=np.float64))
+    qb, _ = np.linalg.qr(np.asarray(b, dtype=np.float64))
+    cos = np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), -1.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
+def _add_sketch(
+    acc: tuple[torch.Tensor, torch.Tensor] | None,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    omega: torch.Tensor,
+    psi: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, W) += (G Omega, Psi G) for G = d^T x, without forming G."""
+    y, w = d.T @ (x @ omega), (d @ psi.T).T @ x
+    return (y, w) if acc is None else (y + acc[0], w + acc[1])
 
 
 def sketch_svd(
@@ -814,6 +941,8 @@ class _Streaming:
         self.by_name = {tap.name: tap for tap in taps}
         self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
         self.ctx: dict[str, Any] = {}
+        self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
+        self.first: dict[str, torch.Tensor] = {}  # first batch's inputs, alive until compared
 
     def __enter__(self) -> _Streaming:
         self.hooks.__enter__()
@@ -824,10 +953,29 @@ class _Streaming:
 
     def _on_grad(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
         tap, ctx = self.by_name[name], self.ctx
-        if ctx["accumulate"]:
+        if ctx["accumulate"]:  # passes 1 and 2 read every example exactly once
             tap.add(ctx["half"], ctx["chunk"], x3.reshape(-1, tap.d_in), d3.reshape(-1, tap.d_out))
+            self._read_inputs(tap, x3, ctx["mask"])
         if ctx["project"]:
             tap.project(ctx["half"], ctx["groups"], x3, d3)
+
+    def _read_inputs(self, tap: _Tap, x3: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add the layer's real-token inputs to its Gram matrix, once per distinct input tensor
+        (q, k and v read the same one): sharing is decided on the first batch, as in
+        `activation_spectrum`."""
+        if not self.owner:
+            self.first[tap.name] = x3
+        elif self.owner[tap.name] != tap.name:
+            return
+        tap.gram.add(real_tokens(x3, mask))
+
+    def _share_inputs(self) -> None:
+        grams = {name: tap.gram for name, tap in self.by_name.items()}
+        share_inputs(list(self.by_name), self.first, self.owner, grams)
+        for name, tap in self.by_name.items():
+            tap.gram = grams[name]
+            tap.shares_input_with = None if self.owner[name] == name else self.owner[name]
+        self.first.clear()
 
     def run(
         self,
@@ -849,6 +997,7 @@ class _Streaming:
                 "accumulate": accumulate,
                 "project": project,
                 "groups": torch.as_tensor(groups, device=device),
+                "mask": batch["attention_mask"],
             }
             with self.hooks.reading(len(idx)):
                 loss = summed_loss(self.model, batch)
@@ -856,6 +1005,8 @@ class _Streaming:
                     raise ValueError("the loss does not depend on any target layer")
                 loss.backward()
             self.ctx = {}
+            if accumulate and not self.owner:
+                self._share_inputs()
             bar()
 
 

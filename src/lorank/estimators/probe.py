@@ -836,6 +836,20 @@ class _StopAt(TrainerCallback):
         return control
 
 
+class SaveEvery(TrainerCallback):
+    """Checkpoint every `every` steps, between the run's eval points: the SVD probe evaluates
+    once, at its last step, and the Trainer saves only at eval points, so without this an
+    interrupted probe would have nothing to resume from."""
+
+    def __init__(self, every: int):
+        self.every = max(1, int(every))
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step % self.every == 0:
+            control.should_save = True
+        return control
+
+
 def pilot_rank(ranks: Sequence[int]) -> int:
     """The candidate rank nearest the geometric middle of the range (8 for 1..64)."""
     ranks = sorted(ranks)
