@@ -199,3 +199,30 @@ def test_no_scaling_rule_in_the_evidence_keeps_the_default(tiny_llama):
     assert (rec.lora_alpha, rec.use_rslora) == (DEFAULT_ALPHA, True)
     # rsLoRA with one alpha already scales each pattern layer by its own rank
     assert rec.rank_pattern and rec.alpha_pattern == {}
+
+
+def test_terminal_shows_every_rank_of_a_measured_curve():
+    """The probe's curve in the terminal: every rank it read (6 is not a candidate), the
+    chosen one marked, bars from the best loss (none) to the worst (full width)."""
+    from rich.console import Console
+
+    from lorank.decide import Recommendation
+    from lorank.report import print_recommendation
+
+    curve = {1: {"loss": 2.0, "se": 0.05}, 2: {"loss": 1.5, "se": 0.05},
+             6: {"loss": 1.2, "se": 0.04}, 8: {"loss": 1.21, "se": 0.04}}
+    rec = Recommendation(
+        rank=6, lora_alpha=8.0, use_rslora=True, target_modules=["q_proj"], modules_to_save=[],
+        rank_pattern={}, alpha_pattern={}, trainable_params=1000, adapter_bytes=4000,
+        memory={"total": 10**6}, confidence="medium", rationale=[], warnings=[],
+        evidence=[{"name": "svd-probe", "curve": curve}, {"name": "capacity", "curve": {}}],
+        candidates=[])
+    console = Console(record=True, width=120)
+    print_recommendation(rec, console)
+    text = console.export_text()
+    assert "svd-probe: validation loss by rank" in text and "capacity:" not in text
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
+             if line.count("│") == 5]
+    rows = {c[0].split()[0]: c for c in cells if "." in c[1]}
+    assert list(rows) == ["1", "2", "6", "8"] and rows["6"][0] == "6 ←"
+    assert [rows[r][3].count("▇") for r in rows] == [30, 11, 0, 0]  # (L - 1.2) / 0.8 x 30

@@ -94,6 +94,29 @@ def candidates_table(rec: Recommendation) -> Table:
     return table
 
 
+def curve_tables(rec: Recommendation) -> list[Table]:
+    """Each measured rank-loss curve (probe, sweep) as a terminal chart: every rank it read,
+    candidate or not, its loss ± se and a bar from the best loss (0) to the worst (full)."""
+    tables = []
+    for e in rec.evidence:
+        curve = {int(r): c for r, c in (e.get("curve") or {}).items()
+                 if c and np.isfinite(c.get("loss", np.nan))}
+        if len(curve) < 2:
+            continue
+        lo, hi = min(c["loss"] for c in curve.values()), max(c["loss"] for c in curve.values())
+        table = Table(title=f"{e['name']}: validation loss by rank", header_style="bold")
+        for col in ("rank", "loss", "± se", ""):
+            table.add_column(col, justify="left" if col == "" else "right")
+        for r in sorted(curve):
+            c = curve[r]
+            width = 0 if hi == lo else round(30 * (c["loss"] - lo) / (hi - lo))
+            mark = " ←" if r == rec.rank else ""
+            table.add_row(f"{r}{mark}", f"{c['loss']:.4f}", f"{c.get('se', 0.0):.4f}",
+                          "▇" * width + ("▏" if width == 0 else ""))
+        tables.append(table)
+    return tables
+
+
 def profile_line(prof: dict) -> str:
     """The data profile in one line: what there is to learn, before any estimate."""
     lengths = prof.get("length_percentiles") or {}
@@ -115,6 +138,8 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
         console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False,
                       soft_wrap=True)
     console.print(candidates_table(rec))
+    for table in curve_tables(rec):
+        console.print(table)
     console.print(
         f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
         f"(use_rslora={rec.use_rslora}), targets {', '.join(rec.target_modules)}; "
