@@ -24,41 +24,12 @@ import json
 import resource
 import subprocess
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 SHAPES = {"smollm2-135m": [(8, 4, 128), (64, 4, 128), (8, 8, 256), (8, 1, 512)],
           "minilm-l6": [(8, 16, 128), (64, 16, 128), (8, 8, 256), (8, 32, 64)]}
 MIB = 2**20
-
-
-class TensorPeak(TorchDispatchMode):
-    """Peak bytes of live tensor storages made by torch ops while active (a CPU stand-in for
-    `torch.cuda.max_memory_allocated`); storages in `exclude` (the weights) are not counted."""
-
-    def __init__(self, exclude: set[int]):
-        super().__init__()
-        self.exclude, self.live, self.current, self.peak = exclude, {}, 0, 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key and key not in self.live and key not in self.exclude:
-                self.live[key] = storage.nbytes()
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(t, self._free, key)
-        return out
 
 
 def peak_mib() -> float:
@@ -70,7 +41,7 @@ def peak_mib() -> float:
 def measure(model: str, rank: int, batch: int, seq: int) -> dict:
     from lorank.api import versions
     from lorank.models import load_model
-    from lorank.targets import memory_estimate, resolve_targets
+    from lorank.targets import TensorPeak, memory_estimate, resolve_targets
     from lorank.train import TrainConfig, train_lora
 
     before_load = peak_mib()

@@ -7,10 +7,13 @@ The training-memory model is stated in `memory_estimate` and in the README.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers.pytorch_utils import Conv1D
 
 from lorank.errors import LorankError
@@ -47,6 +50,12 @@ class TargetSet:
     num_layers: int = 0
     vocab_size: int = 0
     num_heads: int = 0
+    intermediate_size: int = 0  # MLP width (0: unknown, taken as 4 x hidden)
+    gated_mlp: bool = False  # SwiGLU-style gate and up projections (Llama, Mistral, SmolLM2)
+    # b*a*s^2 tensors kept per attention: 0 (SDPA/flash without dropout), 1 (eager: the
+    # softmax), 3 (attention dropout: softmax, mask, dropped; the mask as wide as the values)
+    attention_scores: int = 3
+    dropout: bool = True  # hidden dropout keeps a mask per dropout layer
 
     @property
     def max_rank(self) -> int:
@@ -138,6 +147,15 @@ def _fill_model_facts(model: torch.nn.Module, targets: TargetSet) -> None:
     targets.num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     targets.vocab_size = int(getattr(config, "vocab_size", 0) or 0)
     targets.num_heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    targets.intermediate_size = int(getattr(config, "intermediate_size", 0) or 0)
+    targets.gated_mlp = any(n.rsplit(".", 1)[-1] in ("gate_proj", "gate_up_proj", "w3")
+                            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    attn_dropout = float(getattr(config, "attention_dropout", 0.0)
+                         or getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+    kernel = getattr(config, "_attn_implementation", None) or "eager"
+    targets.attention_scores = 3 if attn_dropout > 0 else 1 if kernel == "eager" else 0
+    targets.dropout = float(getattr(config, "hidden_dropout_prob", 0.0)
+                            or getattr(config, "resid_pdrop", 0.0) or 0.0) > 0
     for name, module in model.named_children():
         if name in HEAD_NAMES:
             targets.modules_to_save.append(name)
@@ -175,23 +193,36 @@ def memory_estimate(targets: TargetSet, rank: int, *, batch_size: int = 8, seq_l
     - frozen weights: every model parameter in the model's dtype;
     - adapter weights, their gradients and AdamW's two moments: fp32 (PEFT keeps adapters in
       fp32), 4 + 4 + 8 bytes per trainable parameter;
-    - activations (per Korthikanti et al. 2022, per layer `s*b*h*(34 + 5*a*s/h)` bytes at 2-byte
-      precision, scaled by the activation dtype), plus each target's LoRA intermediate `b*s*r`
-      and the logits with their gradient (`2*b*s*V*4` bytes). With gradient checkpointing only
-      each block's input is kept, plus one block's full activations.
-    An estimate for sizing, not a measurement; the allocator and kernels add overhead.
+    - activations kept for backward, per block and token, counted as Korthikanti et al. (2022)
+      do (bytes at 2-byte precision per hidden unit, scaled by the activation dtype) but from
+      the model's own architecture: attention 10 (+1 dropout mask), its scores `2 a s / h` per
+      `b a s^2` tensor kept (`TargetSet.attention_scores`: none for SDPA and flash kernels
+      without dropout, which recompute them; the softmax for eager attention; with attention
+      dropout also the mask and the dropped scores, measured as float masks on PyTorch's math
+      path where Korthikanti count bytes: their `5 a s / h`), norms 4, MLP `2 + 8 i / h` when gated (gate, up, the
+      activation and their product, each `i` wide) else `2 + 4 i / h` (+1 mask); plus each
+      target's LoRA intermediate `b*s*r`, and for a language-model head the logits, their
+      log-softmax and the two gradients alive at the start of backward (`4*b*s*V*4` bytes).
+      With gradient checkpointing only each block's input is kept, plus one block's full
+      activations.
+    Checked against the tensor-level peak (what `torch.cuda.max_memory_allocated` counts) in
+    benchmarks/memory_check.py; a process's RSS adds the allocator's and runtime's overhead.
     """
     p = targets.params(rank)
     act_bytes = act_bytes or targets.model_dtype_bytes
     s, b, h = seq_len, batch_size, max(targets.hidden_size, 1)
     a, n_layers = max(targets.num_heads, 1), max(targets.num_layers, 1)
-    per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
+    i = targets.intermediate_size or 4 * h
+    mask = 1 if targets.dropout else 0
+    attention = 10 + mask + 2 * a * s / h * targets.attention_scores
+    mlp = 2 + 8 * i / h if targets.gated_mlp else 2 + 4 * i / h + mask
+    per_layer = s * b * h * (attention + 4 + mlp) * act_bytes / 2
     if gradient_checkpointing:
         blocks = n_layers * s * b * h * act_bytes + per_layer
     else:
         blocks = n_layers * per_layer
     lora = sum(b * s * rank * act_bytes for _ in targets.layers)
-    logits = 2 * b * s * targets.vocab_size * 4 if targets.vocab_size and not targets.head_params else 0
+    logits = 4 * b * s * targets.vocab_size * 4 if targets.vocab_size and not targets.head_params else 0
     return MemoryEstimate(
         frozen_weights=targets.model_params * targets.model_dtype_bytes,
         adapter_weights=4 * p,
@@ -204,3 +235,41 @@ def memory_estimate(targets: TargetSet, rank: int, *, batch_size: int = 8, seq_l
 def adapter_bytes(targets: TargetSet, rank: int) -> int:
     """Size of the saved adapter (fp32 safetensors, headers ignored)."""
     return 4 * targets.params(rank)
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages made by torch ops while active: a CPU stand-in for
+    `torch.cuda.max_memory_allocated`, to check `memory_estimate` without a GPU. A storage is
+    live while any tensor the ops returned on it (views included) is; storages in `exclude`
+    (the weights') are not counted. Used by benchmarks/memory_check.py and the tests."""
+
+    def __init__(self, exclude: set[int] | None = None):
+        super().__init__()
+        self.exclude = exclude or set()
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors on it]
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= self.live.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if not key or key in self.exclude:
+                continue
+            if key in self.live:
+                self.live[key][1] += 1
+            else:
+                self.live[key] = [storage.nbytes(), 1]
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(t, self._release, key)
+        return out
