@@ -101,7 +101,7 @@ def test_alpha_matches_training_rule():
 # ------------------------------------------------ decide() on curves measured as estimators do
 
 
-def measured(means, *, spread=0.5, noise=0.01, n=300, config=None) -> Evidence:
+def measured(means, *, spread=0.5, noise=0.01, n=300, config=None, ranks=RANKS) -> Evidence:
     """Probe evidence built as `nested_probe` builds it: per-example losses per rank (each
     example's difficulty shared by every rank, as on one validation set) through the probe's
     own summary, so the rank, tolerance and confidence are computed, not hand-set."""
@@ -111,11 +111,11 @@ def measured(means, *, spread=0.5, noise=0.01, n=300, config=None) -> Evidence:
 
     rng = np.random.default_rng(0)
     base = 1.0 + rng.uniform(-spread, spread, n)
-    val = {r: base + (m - 1.0) + rng.normal(0, noise, n) for r, m in zip(RANKS, means,
+    val = {r: base + (m - 1.0) + rng.normal(0, noise, n) for r, m in zip(ranks, means,
                                                                           strict=True)}
-    summary = _summarize("nested", RANKS, val, None, n_boot=200, seed=0)
+    summary = _summarize("nested", ranks, val, None, n_boot=200, seed=0)
     summary.pop("method")
-    return ProbeResult(method="nested", ranks=RANKS, max_rank=RANKS[-1],
+    return ProbeResult(method="nested", ranks=ranks, max_rank=ranks[-1],
                        val_losses={r: v.tolist() for r, v in val.items()},
                        config=config or {"lora_alpha": 8.0, "use_rslora": True},
                        **summary).to_evidence()
@@ -226,3 +226,10 @@ def test_terminal_shows_every_rank_of_a_measured_curve():
     rows = {c[0].split()[0]: c for c in cells if "." in c[1]}
     assert list(rows) == ["1", "2", "6", "8"] and rows["6"][0] == "6 ←"
     assert [rows[r][3].count("▇") for r in rows] == [30, 11, 0, 0]  # (L - 1.2) / 0.8 x 30
+
+
+def test_a_measured_rank_is_not_snapped_to_an_unmeasured_candidate(tiny_llama):
+    """A probe at max rank 6 whose knee is 6 recommends 6, not the unmeasured candidate 8."""
+    rec = decide([measured([1.50, 1.30, 1.15, 1.00], ranks=[1, 2, 3, 6])],
+                 resolve_targets(tiny_llama), ranks=RANKS)
+    assert rec.rank == 6
