@@ -80,6 +80,10 @@ def test_resume_after_kill_9(sweep_inputs, tmp_path):
         assert (out / "trials" / name).read_text() == text
     summary = json.loads((out / "sweep.json").read_text())
     assert sorted(int(r) for r in summary["curve"]) == [1, 2, 4]
+    # both invocations were the same command: recorded once, to reproduce the results
+    assert len(summary["commands"]) == 1
+    assert summary["commands"][0].startswith("lorank sweep -m ") and "--ranks 1,2,4" in \
+        summary["commands"][0]
     assert (out / "rank_loss.png").stat().st_size > 0
     assert (out / "learning_curves.png").stat().st_size > 0
 

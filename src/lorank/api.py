@@ -454,8 +454,10 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           storage: str | None = None, prune: bool = False, skip_margin: float | None = None,
           max_trials: int | None = None, gradient_checkpointing: bool = False,
           out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
-          device: str = "cpu", trust_remote_code: bool = False, progress: bool = True):
-    """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`)."""
+          device: str = "cpu", trust_remote_code: bool = False, progress: bool = True,
+          command: str | None = None):
+    """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`);
+    `command`, the CLI line, is recorded in the study for reproduction."""
     from lorank.sweep import SweepSpec, model_factory_from, run_sweep
     from lorank.train import DEFAULT_ALPHA
 
@@ -482,7 +484,7 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
             "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions()}
     return run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
                      pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
-                     max_trials=max_trials, progress=progress, meta=meta)
+                     max_trials=max_trials, progress=progress, meta=meta, command=command)
 
 
 def task_inputs(name: str, out: str | Path, seed: int = 0) -> tuple[str, str, str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def sweep(
                        max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
                        out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                       progress=not quiet)
+                       progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]))
     from rich.table import Table
 
     table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")

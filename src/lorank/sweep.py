@@ -406,12 +406,17 @@ class SweepResult:
 def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict],
               spec: SweepSpec, out: Path, *, pad_token_id: int, storage: str | None = None,
               prune: bool = False, max_trials: int | None = None, progress: bool = True,
-              meta: dict[str, Any] | None = None) -> SweepResult:
-    """Run (or continue) the sweep; return every finished trial and the rank–loss curve."""
+              meta: dict[str, Any] | None = None, command: str | None = None) -> SweepResult:
+    """Run (or continue) the sweep; return every finished trial and the rank–loss curve.
+    `command` (the CLI line) joins the study's list of the commands that worked on it, which
+    sweep.json carries so that every result can be reproduced."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(out, storage, prune)
     _check_same_sweep(study, spec, meta or {})
+    commands = study.user_attrs.get("commands", [])
+    if command and command not in commands:
+        study.set_user_attr("commands", [*commands, command])
     worker = register_worker(out)
     try:
         return _work(study, spec, out, model_factory, train_examples, val_examples,
@@ -549,7 +554,8 @@ def summarize(study: optuna.Study, spec: SweepSpec, out: Path | None = None,
     result = SweepResult(trials, curve, str(out) if out else "", wall_seconds)
     if out is not None and trials:
         atomic_write_text(Path(out) / "sweep.json", json.dumps(
-            result.to_dict() | {"spec": asdict(spec), "meta": study.user_attrs.get("meta", {})},
+            result.to_dict() | {"spec": asdict(spec), "meta": study.user_attrs.get("meta", {}),
+                                "commands": study.user_attrs.get("commands", [])},
             indent=1))
         if curve:
             plot_rank_curve({"sweep": curve}, Path(out) / "rank_loss.png",
