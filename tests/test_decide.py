@@ -233,3 +233,16 @@ def test_a_measured_rank_is_not_snapped_to_an_unmeasured_candidate(tiny_llama):
     rec = decide([measured([1.50, 1.30, 1.15, 1.00], ranks=[1, 2, 3, 6])],
                  resolve_targets(tiny_llama), ranks=RANKS)
     assert rec.rank == 6
+
+
+def test_sweep_beats_probe_and_says_why(tiny_llama):
+    sweep = probe_evidence([1.50, 1.30, 1.00, 0.999, 1.001, 1.000], 4)
+    sweep.name = "sweep"
+    probe = probe_evidence([1.50, 1.30, 1.10, 1.00, 0.999, 1.001], 8)
+    rec = decide([probe, sweep], resolve_targets(tiny_llama), ranks=RANKS)
+    assert rec.rank == 4
+    assert any(w.startswith("probe says rank 8, sweep says 4: trusting sweep, whose curve "
+                            "comes from independent runs") for w in rec.warnings)
+    agree = decide([probe_evidence([1.5, 1.3, 1.0, 0.999, 1.001, 1.0], 4), sweep],
+                   resolve_targets(tiny_llama), ranks=RANKS)
+    assert not any("trusting sweep" in w for w in agree.warnings)

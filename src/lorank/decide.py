@@ -91,6 +91,14 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         if shape == "still falling":
             warnings.append(message)
         rationale += [n for n in chosen.notes if n not in rationale]
+        for other in curves[1:]:  # a probe beside a sweep: the independent runs decide
+            if other.suggested_rank != chosen.suggested_rank:
+                warnings.append(
+                    f"{other.name} says rank {other.suggested_rank}, {chosen.name} says "
+                    f"{chosen.suggested_rank}: trusting {chosen.name}, "
+                    + ("whose curve comes from independent runs at each rank; a one-run "
+                       "probe's truncations can sit above them" if chosen.name == "sweep"
+                       else "the more direct measurement of the two"))
         for other in by_kind["estimate"]:
             if _disagree(other.suggested_rank, chosen.suggested_rank):
                 warnings.append(
