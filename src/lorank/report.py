@@ -261,8 +261,8 @@ def write_gradient_report(spectrum, out: Path) -> None:
               for r in rows]
     lines += ["", "inputs90 / inputs95: input directions holding 90% / 95% of the layer's input "
               "energy (real tokens). sketch_angle: largest principal angle (degrees) between a "
-              "sketched layer's top signal subspaces and an independent replica sketch's; – for "
-              "exact layers."]
+              "sketched layer's top signal subspaces and an independent replica sketch's (with "
+              "--sketch-check); – for exact layers or without it."]
     atomic_write_text(Path(out) / "gradient_layers.md", "\n".join(lines) + "\n")
     import matplotlib
 

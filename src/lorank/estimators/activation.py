@@ -322,6 +322,7 @@ class Gram:
             gen = torch.Generator().manual_seed(seed)
             self.omega = torch.randn(d, self.k, generator=gen, dtype=torch.float64).to(device)
             self.omega, _ = torch.linalg.qr(self.omega)
+            self.omega32 = self.omega.float()  # for `add`, cast once rather than every batch
             self.y = torch.zeros(d, self.k, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
@@ -333,7 +334,7 @@ class Gram:
         if self.exact:
             self.c += (x.T @ x).double()
         else:
-            self.y += (x.T @ (x @ self.omega.float())).double()
+            self.y += (x.T @ (x @ self.omega32)).double()
 
     def eigenvalues(self) -> np.ndarray:
         """Eigenvalues of C, largest first (the sketch gives the top k)."""

@@ -42,9 +42,9 @@ replicated energy answers "how many carry the signal". Which rule tracks the swe
 benchmark's question.
 
 Also per layer, from the same passes: the spectrum of each half (G_A and G_B's top singular
-values); for sketched layers, principal angles between the sketch's top subspaces and an
-independent replica sketch's (`_Tap._sketch_check`), the sketch's measured accuracy where exact
-SVD is out of reach; and the input spectrum (`lorank.estimators.activation`): how many input
+values); with `sketch_check`, for sketched layers, principal angles between the sketch's top
+subspaces and an independent replica sketch's (`_Tap._sketch_check`), the sketch's measured
+accuracy where exact SVD is out of reach; and the input spectrum (`lorank.estimators.activation`): how many input
 directions hold 90% / 95% of the inputs' energy, second evidence for where rank goes across
 layers, read by the same hooks on the examples' real tokens (passes 1 and 2, each example once).
 """
