@@ -69,7 +69,8 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "one_forward_backward_s": round(base, 2), "gradient_spectrum_s": round(seconds, 2),
             "ratio": round(seconds / base, 2), "peak_rss_after_load_mib": round(rss_loaded),
             "peak_rss_after_analysis_mib": round(peak_rss_mib()),
-            "global_rank": spectrum.global_rank()[0]}
+            "global_rank": spectrum.global_rank()[0],
+            "timings_s": {k: round(v, 2) for k, v in spectrum.settings["timings"].items()}}
 
 
 def main() -> None:

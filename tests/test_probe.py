@@ -430,6 +430,24 @@ def test_a_raced_out_rank_is_placed_by_its_paired_gap_not_its_prefix_mean():
     assert curve[1]["loss"] == pytest.approx(losses[4].mean() + 0.5)
     assert per[1]["diff"] == pytest.approx(0.5) and per[1]["raced_out_after"] == 50
     assert curve[1]["se"] >= curve[4]["se"] > 0
+    # the gap is exactly 0.5 on every example: the paired bootstrap moves rank 1 with the best
+    assert curve[1]["lo"] == pytest.approx(curve[4]["lo"] + 0.5)
+    assert curve[1]["hi"] == pytest.approx(curve[4]["hi"] + 0.5)
+
+
+def test_a_raced_out_rank_gets_a_bootstrap_interval_not_a_normal_one():
+    """A skewed gap (a few examples much worse at rank 1) makes the mean's sampling
+    distribution skewed: the bootstrap interval reaches further above the mean than below,
+    where mean +- 1.96 se would be symmetric."""
+    rng = np.random.default_rng(2)
+    base = np.full(400, 2.0) + rng.normal(0, 1e-3, 400)
+    gap = rng.lognormal(0.0, 1.5, 60)
+    raced = {1: base[:60] + gap, 2: base + 1e-4, 4: base}
+    summary = _summarize("svd", [1, 2, 4], raced, None, n_boot=4000, seed=0)
+    c = summary["curve"][1]
+    assert c["lo"] < c["loss"] < c["hi"]
+    assert (c["hi"] - c["loss"]) > 1.2 * (c["loss"] - c["lo"])
+    assert (c["hi"] - c["lo"]) == pytest.approx(2 * 1.96 * c["se"], rel=0.35)
 
 
 def test_monitoring_is_skipped_when_it_costs_more_than_it_can_save():

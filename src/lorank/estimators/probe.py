@@ -99,11 +99,22 @@ def _bootstrap(
     rel_tol: float = 0.01,
     n_se: float = 2.0,
     chunk: int = 100,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    anchor: int = 0,
+    gaps: dict[int, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[float, float]]]:
     """Resample examples (paired across ranks): 95% intervals of each rank's mean loss and the
-    rank the decision rule picks in each resample (how sure the decision is)."""
+    rank the decision rule picks in each resample (how sure the decision is).
+
+    `gaps` (ranks raced out on a prefix): per rank, its paired gap to row `anchor` of L on the
+    examples it was scored on, NaN elsewhere (length n). In each resample its loss is the
+    anchor's mean plus the mean gap over the resampled examples of its prefix, so its interval
+    comes from the same resamples as the others' (paired) rather than a normal approximation.
+    """
     k, n = L.shape
     rng = np.random.default_rng(seed)
+    gaps = gaps or {}
+    gap_rows = {r: (np.nan_to_num(g), np.isfinite(g).astype(np.float64)) for r, g in gaps.items()}
+    gap_means: dict[int, list[np.ndarray]] = {r: [] for r in gaps}
     pair_d2 = ((L[:, None, :] - L[None, :, :]) ** 2).reshape(k * k, n)  # squared paired diffs
     means_all, picks = [], []
     for start in range(0, n_boot, chunk):
@@ -121,9 +132,19 @@ def _bootstrap(
         within = means - min_loss[:, None] <= tol
         picks.append(np.asarray(ranks)[within.argmax(axis=1)])
         means_all.append(means)
+        for r, (g, w) in gap_rows.items():
+            weight = counts @ w
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gap_means[r].append(means[:, anchor] + (counts @ g) / weight)
     means_all_arr = np.concatenate(means_all)
     lo, hi = np.percentile(means_all_arr, [2.5, 97.5], axis=0)
-    return lo, hi, np.concatenate(picks)
+    raced = {}
+    for r, v in gap_means.items():
+        v = np.concatenate(v)
+        v = v[np.isfinite(v)]
+        raced[r] = tuple(float(x) for x in np.percentile(v, [2.5, 97.5])) if len(v) else (
+            math.nan, math.nan)
+    return lo, hi, np.concatenate(picks), raced
 
 
 def race_ranks(
@@ -477,15 +498,25 @@ def _summarize(
     Ranks raced out early (`race_ranks`: fewer losses than the others) are placed on the
     survivors' scale by their paired gap to the best rank on their prefix (the best's mean
     over all examples plus that gap, SE of the gap): a prefix mean alone is not comparable
-    (an easy prefix can sit below the best's full mean). The decision and the bootstrap are
+    (an easy prefix can sit below the best's full mean); their intervals come from the same
+    paired bootstrap resamples (`_bootstrap`'s `gaps`). The decision and its rank spread are
     the survivors'.
     """
     full = raced_survivors({r: val[r] for r in ranks})
     decision, tol, details = smallest_within_tolerance({r: val[r] for r in full})
-    L = np.vstack([val[r] for r in full])
-    L = L[:, np.all(np.isfinite(L), axis=0)]
-    lo, hi, picks = _bootstrap(L, full, n_boot=n_boot, seed=seed)
     best = details["best_rank"]
+    L = np.vstack([val[r] for r in full])
+    keep = np.all(np.isfinite(L), axis=0)
+    gaps = {}
+    for r in ranks:
+        if r not in full:  # its paired gap to the best on its prefix, NaN past it
+            g = np.full(L.shape[1], np.nan)
+            mine = np.asarray(val[r], np.float64)
+            g[: len(mine)] = mine - L[full.index(best), : len(mine)]
+            gaps[r] = g[keep]
+    L = L[:, keep]
+    lo, hi, picks, raced_bounds = _bootstrap(L, full, n_boot=n_boot, seed=seed,
+                                             anchor=full.index(best), gaps=gaps)
     curve: dict[int, dict[str, float]] = {}
     for r in ranks:
         tr = float(np.nanmean(train[r])) if train is not None and r in train else math.nan
@@ -502,7 +533,7 @@ def _summarize(
             mean = details["min_loss"] + diff
             se_gap = curve_se(gap)
             se = math.hypot(se_gap, curve_se(L[full.index(best)]))
-            bounds = mean - 1.96 * se, mean + 1.96 * se
+            bounds = raced_bounds[r]
             details["per_rank"][r] = {"loss": mean, "diff": diff, "se_diff": se_gap,
                                       "within": False, "raced_out_after": n}
         curve[r] = {"loss": mean, "se": se, "lo": float(bounds[0]), "hi": float(bounds[1]),
