@@ -760,7 +760,8 @@ def nested_probe(
     decision lands one power-of-two step high (2k). Leaving the small ranks out of the draw
     removes it (ranks {4, 8} on k=4: rank 4 matched an independent adapter), so it comes from
     sharing the first components with the small truncations; per-truncation gains, SGD instead
-    of AdamW, rescale on/off, longer training did not remove it. `svd_truncation_curve` on a
+    of AdamW, rescale on/off, longer training, draws weighted toward large b (p ~ b) did not
+    remove it. `svd_truncation_curve` on a
     plain adapter found k exactly on the same problems.
     """
     ranks = sorted(set(int(r) for r in ranks)) if ranks else default_ranks(max_rank)
