@@ -574,11 +574,17 @@ class _Tap:
         if self.check:
             self.replica_acc = _add_sketch(self.replica_acc, x, d, self.omega2, self.psi2)
 
-    def project(self, half: int, groups: torch.Tensor, x: torch.Tensor, d: torch.Tensor) -> None:
-        """x: (B, T, d_in), d: (B, T, d_out): add sum_t (u_i^T d_t)(x_t^T v_i) per example."""
+    def project(self, half: int, chunk: int, groups: torch.Tensor, x: torch.Tensor,
+                d: torch.Tensor) -> None:
+        """x: (B, T, d_in), d: (B, T, d_out): add sum_t (u_i^T d_t)(x_t^T v_i) per example.
+
+        Only onto the directions of fractions that include this chunk: fraction j reads the
+        groups of chunks 0..j (`finish`), so chunk c's examples are never read on the
+        directions of fractions below c (about 40% fewer projections at 3 fractions)."""
         u, v = self.dirs[half]
-        c = ((d @ u) * (x @ v)).sum(1)  # (B, n_frac * r)
-        self.proj[half].index_add_(0, groups, c)
+        cols = slice(chunk * self.r, None)
+        c = ((d @ u[:, cols]) * (x @ v[:, cols])).sum(1)  # (B, (n_frac - chunk) * r)
+        self.proj[half][:, cols].index_add_(0, groups, c)
 
     # summaries ----------------------------------------------------------------------------
     def _summary(self, half: int | None, chunks: int, sign: float = 1.0) -> Any:
@@ -611,7 +617,7 @@ class _Tap:
     def _spectrum(self, summary: Any, vectors: bool) -> tuple[Any, torch.Tensor, Any, float]:
         """(top U, all singular values, top V, ||G||_F^2) of a summary; the sketch's factors
         are computed once for both, and without `vectors` only singular values (svdvals costs
-        about a third of a full SVD)."""
+        about a third of a full SVD; a sketch's come from its k x k Gram matrix)."""
         if self.exact:
             total = self._energy(summary)
             if not vectors:
@@ -621,7 +627,7 @@ class _Tap:
         q, x = _sketch_factors(summary[0][:, : self.k], summary[1], self.psi)
         total = self._energy(summary, x)
         if not vectors:
-            return None, torch.linalg.svdvals(x).to(summary[0].dtype), None, total
+            return None, _gram_eigh(x)[0].to(summary[0].dtype), None, total
         u, s, v = _svd_of_factors(q, x, self.r, summary[0].dtype)
         return u, s, v, total
 
@@ -815,17 +821,38 @@ def sketch_svd(
 def _svd_of_factors(
     q: torch.Tensor, x: torch.Tensor, rank: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of G ~ Q X through the small X: top `rank` vectors, all k singular values."""
-    ux, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return (q @ ux[:, :rank]).to(dtype), s.to(dtype), vh[:rank].T.to(dtype)
+    """SVD of G ~ Q X through the small X (k x d_in, float64): top `rank` vectors, all k
+    singular values.
+
+    Through the k x k Gram matrix X X^T (eigh, 4-6x faster than an SVD of X on these shapes,
+    the same values to float64 rounding for every singular value above ~1e-7 of the largest);
+    a top direction with a singular value below that falls back to the SVD, whose vectors
+    stay orthonormal there."""
+    s, ux = _gram_eigh(x)
+    top = min(rank, len(s))
+    if top and float(s[top - 1]) > 1e-7 * float(s[0]):
+        vx = (x.T @ ux[:, :top]) / s[:top]
+    else:
+        ux, s, vh = torch.linalg.svd(x, full_matrices=False)
+        vx = vh[:rank].T
+    return (q @ ux[:, :rank]).to(dtype), s.to(dtype), vx.to(dtype)
+
+
+def _gram_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and left singular vectors of a wide x from eigh(x x^T)."""
+    e, u = torch.linalg.eigh(x @ x.T)
+    return e.flip(0).clamp_min(0).sqrt(), u.flip(1)
 
 
 def _sketch_factors(
     y: torch.Tensor, w: torch.Tensor, psi: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q = orth(Y) and X = (Psi Q)^+ W, in float64: G ~ Q X."""
+    """Q = orth(Y) and X = (Psi Q)^+ W, in float64: G ~ Q X. The least squares goes through
+    the QR of the tall, well-conditioned Psi Q (Gaussian Psi): same X as lstsq to rounding,
+    at about half its time."""
     q, _ = torch.linalg.qr(y.double())
-    x = torch.linalg.lstsq(psi.double() @ q, w.double()).solution
+    qm, rm = torch.linalg.qr(psi.double() @ q)
+    x = torch.linalg.solve_triangular(rm, qm.T @ w.double(), upper=True)
     return q, x
 
 
@@ -957,7 +984,7 @@ class _Streaming:
             tap.add(ctx["half"], ctx["chunk"], x3.reshape(-1, tap.d_in), d3.reshape(-1, tap.d_out))
             self._read_inputs(tap, x3, ctx["mask"])
         if ctx["project"]:
-            tap.project(ctx["half"], ctx["groups"], x3, d3)
+            tap.project(ctx["half"], ctx["chunk"], ctx["groups"], x3, d3)
 
     def _read_inputs(self, tap: _Tap, x3: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the layer's real-token inputs to its Gram matrix, once per distinct input tensor
