@@ -138,6 +138,11 @@ def test_successive_halving_spends_less_than_the_sweep(tmp_path):
     assert n == 4 and spent == 40 and pick in RANKS
     assert bench.replay_successive_halving(sweep, budget_steps=2 * STEPS, seed=3)[0] == pick
     assert bench.replay_successive_halving(sweep, budget_steps=1)[2] == 1  # at least one
+    # a run outside the recipe's grid (a bracketing lr) is not a config to draw, even the best
+    extra = dict(sweep["trials"][0], lr=LRS[0] / 4, rank=RANKS[0], number=999,
+                 curve=[[step, 0.0, 0.0] for step in (5, 10, 15, 20)])
+    widened = dict(sweep, trials=sweep["trials"] + [extra])
+    assert bench.replay_successive_halving(widened) == bench.replay_successive_halving(sweep)
 
 
 def test_tpe_replay_is_seeded(tmp_path):

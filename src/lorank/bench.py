@@ -101,6 +101,11 @@ def tpe_budget(probe_runs: list[float]) -> int:
     return max(1, math.ceil(max(probe_runs) - 1e-9)) if probe_runs else 2
 
 
+def _in_grid(trial: dict[str, Any], spec: dict[str, Any]) -> bool:
+    return trial["rank"] in spec["ranks"] and any(
+        math.isclose(trial["lr"], lr, rel_tol=1e-9) for lr in spec["lrs"])
+
+
 def replay_successive_halving(sweep: dict[str, Any], eta: int = 2,
                               budget_steps: float | None = None, seed: int = 0
                               ) -> tuple[int, int, int]:
@@ -109,9 +114,12 @@ def replay_successive_halving(sweep: dict[str, Any], eta: int = 2,
     Rung k trains the surviving configs to the k-th evaluation point; the best 1/eta go on.
     With `budget_steps`, it starts from the most configs (drawn at random with `seed`) whose
     rungs fit the budget, at least one. Returns the pick, the steps spent, the configs started.
+    The search space is the recipe's grid (spec ranks x lrs), as for TPE and the sweep's cost:
+    runs added at other lrs to check that the grid brackets the best are not configs to draw.
     """
     spec = sweep["spec"]
-    seed0 = [t for t in sweep["trials"] if t["seed"] == spec["seeds"][0] and t["status"] == "ok"]
+    seed0 = [t for t in sweep["trials"] if t["seed"] == spec["seeds"][0] and t["status"] == "ok"
+             and _in_grid(t, spec)]
     curves = {(t["rank"], t["lr"]): t.get("curve") or [] for t in seed0}
     configs = sorted(k for k, c in curves.items() if c)
     if not configs:
