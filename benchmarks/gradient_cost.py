@@ -1,11 +1,11 @@
 """Time and peak memory of the gradient spectrum against one forward+backward pass.
 
-Usage (one process per model, so peak RSS is that model's):
-  .venv/bin/python benchmarks/gradient_cost.py --model smollm2-135m --calib 64 > benchmarks/results/gradient_cost_smollm2_calib64.json
+Usage (one process per model, so peak RSS is that model's; --calib 64 and 256 on each):
+  .venv/bin/python benchmarks/gradient_cost.py --model smollm2-135m --calib 256 > benchmarks/results/gradient_cost_smollm2_calib256.json
   .venv/bin/python benchmarks/gradient_cost.py --model minilm-l6 --calib 256 > benchmarks/results/gradient_cost_minilm_calib256.json
-The ratio compares two timings taken in the same process one after the other, so it holds
-under machine load; the absolute seconds do not (the recorded runs shared the 2 cores with a
-sweep, OMP_NUM_THREADS=1).
+The ratio compares two timings taken in the same process one after the other; load on the
+other core moves both, but not always equally (a one-pass timing under load ran 2.7x the idle
+one), so the recorded runs (session 11) ran one at a time on an idle machine, OMP_NUM_THREADS=1.
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64.
 """
@@ -35,7 +35,10 @@ def peak_rss_mib() -> float:
 
 
 def one_pass_seconds(model, examples, pad_token_id, batch_size) -> float:
-    """One forward + backward pass over the calibration set (summed loss, weights frozen)."""
+    """One forward + backward pass over the calibration set (summed loss, weights frozen),
+    batched in length order: the analysis sorts each chunk by length to cut padding, so an
+    unsorted baseline would be slower than need be and flatter the ratio."""
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for p in model.parameters():
         p.requires_grad_(False)
     first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
