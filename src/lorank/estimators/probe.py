@@ -507,13 +507,12 @@ def _summarize(
     best = details["best_rank"]
     L = np.vstack([val[r] for r in full])
     keep = np.all(np.isfinite(L), axis=0)
-    gaps = {}
-    for r in ranks:
-        if r not in full:  # its paired gap to the best on its prefix, NaN past it
-            g = np.full(L.shape[1], np.nan)
-            mine = np.asarray(val[r], np.float64)
-            g[: len(mine)] = mine - L[full.index(best), : len(mine)]
-            gaps[r] = g[keep]
+    # a raced-out rank's paired gap to the best on its prefix; for the bootstrap, padded with
+    # NaN past the prefix to the survivors' examples
+    prefix_gap = {r: np.asarray(val[r], np.float64) - L[full.index(best), : len(val[r])]
+                  for r in ranks if r not in full}
+    gaps = {r: np.pad(g, (0, L.shape[1] - len(g)), constant_values=np.nan)[keep]
+            for r, g in prefix_gap.items()}
     L = L[:, keep]
     lo, hi, picks, raced_bounds = _bootstrap(L, full, n_boot=n_boot, seed=seed,
                                              anchor=full.index(best), gaps=gaps)
@@ -525,9 +524,7 @@ def _summarize(
             n, mean, se = len(v), float(v.mean()), curve_se(v)
             bounds = lo[full.index(r)], hi[full.index(r)]
         else:  # outside tolerance with margin on its prefix: not a candidate
-            mine = np.asarray(val[r], np.float64)
-            gap = mine - np.asarray(val[best], np.float64)[: len(mine)]
-            gap = gap[np.isfinite(gap)]
+            gap = prefix_gap[r][np.isfinite(prefix_gap[r])]
             n = len(gap)
             diff = float(gap.mean()) if n else math.nan
             mean = details["min_loss"] + diff
