@@ -222,7 +222,8 @@ def test_nested_probe_finds_planted_rank(planted2):
     Measured: 4. The truncations at the knee are under-fit in the nested run (steps at b=1
     pull the shared first component toward the best rank-1 solution), so rank 2 comes out
     ~0.15 nats worse than rank 4 while an independent rank-2 adapter matches rank 4; see the
-    SVD test below, which finds 2 exactly. Planted rank 4 behaves the same way (decision 8).
+    SVD test below (the default probe), which finds 2 and 4 exactly. Planted rank 4 behaves
+    the same way here (decision 8); why, and what did not remove it: `nested_probe`.
     """
     train, val = planted2
     res = nested_probe(
@@ -254,8 +255,10 @@ def test_nested_probe_finds_planted_rank(planted2):
     json.dumps(res.to_dict())
 
 
-def test_svd_truncation_finds_planted_rank(planted2):
-    train, val = planted2
+@pytest.mark.parametrize("k", [2, 4])
+def test_svd_truncation_finds_planted_rank(planted2, k: int):
+    """The default probe (`--method svd`) lands exactly on the planted rank, 2 and 4."""
+    train, val = planted2 if k == 2 else planted_data(k)
     cfg = replace(PROBE_CONFIG, rank=8)
     trained = train_lora(
         base_factory, train, val, cfg, pad_token_id=0, progress=False, return_model=True
@@ -265,11 +268,11 @@ def test_svd_truncation_finds_planted_rank(planted2):
     res = svd_truncation_curve(
         model, [1, 2, 4, 8], val, pad_token_id=0, train_examples=train, n_boot=200
     )
-    assert res.method == "svd" and res.decision == 2
+    assert res.method == "svd" and res.decision == k
     # the full-rank point of the curve is the trained adapter itself
     assert res.curve[8]["loss"] == pytest.approx(trained.final_val_loss, rel=1e-4)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # model restored
+    assert all(torch.equal(before[name], after[name]) for name in before)  # model restored
     assert res.to_evidence().name == "svd-probe"
 
 

@@ -374,12 +374,16 @@ def gradient_spectrum(
         stream.run(
             examples, plan, half=0, accumulate=True, project=False, pad=pad_token_id, bar=bar
         )
+        t1 = time.perf_counter()
         for tap in taps:
             tap.set_directions(read_half=1, pairs=tap.top_pairs(half=0))
+        decompose = time.perf_counter() - t1
         stream.run(examples, plan, half=1, accumulate=True, project=True, pad=pad_token_id, bar=bar)
+        t1 = time.perf_counter()
         for tap in taps:
             tap.set_directions(read_half=0, pairs=tap.top_pairs(half=1))
             tap.summarise_full()  # spectrum of G_A + G_B, noise level; frees the accumulators
+        timings["decompositions"] = decompose + time.perf_counter() - t1  # part of passes 1-2
         timings["passes_1_2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stream.run(

@@ -1,0 +1,87 @@
+"""Gradient-spectrum cost on one decoder layer of real model shapes, up to Llama-3-8B's.
+
+Why: the packaged models are 0.1B, where the hooks' matmuls cost as much as a weight gradient
+and the per-layer decompositions are a large fixed share. An 8B model is 32 layers of the
+same shape, so the ratio measured on one such layer (random weights, random tokens: the cost
+does not depend on their values) at a given token count is that model's ratio, the
+embeddings and LM head aside (they add to the forward+backward only, so leaving them out
+makes the ratio larger, not smaller). Two calibration sizes separate the fixed part
+(decompositions, timed directly) from the per-token part.
+
+Usage (one process per row, idle machine, 1 torch thread):
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradient_cost_width.py --shape llama3-8b --examples 16 > benchmarks/results/gradient_cost_width_llama3-8b_16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorank.api import versions
+from lorank.estimators.gradient import gradient_spectrum
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from gradient_cost import one_pass_seconds  # noqa: E402
+
+# hidden, intermediate, attention heads, key-value heads (head dim 64 or 128, as released)
+SHAPES = {
+    "smollm2-135m": (576, 1536, 9, 3),
+    "llama3.2-1b": (2048, 8192, 32, 8),
+    "llama3-8b": (4096, 14336, 32, 8),
+}
+
+
+def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int = 0) -> dict:
+    hidden, inter, heads, kv = SHAPES[shape]
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=1, num_attention_heads=heads,
+                         num_key_value_heads=kv, max_position_embeddings=length)
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n_examples):
+        ids = torch.randint(1, config.vocab_size, (length,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": list(ids)})
+    targets = [name for name, m in model.model.layers.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    targets = [f"model.layers.{name}" for name in targets]
+    base = one_pass_seconds(model, examples, 0, 8)
+    start = time.perf_counter()
+    spectrum = gradient_spectrum(model, examples, targets, pad_token_id=0, max_rank=max_rank,
+                                 batch_size=8, progress=False)
+    seconds = time.perf_counter() - start
+    timings = spectrum.settings["timings"]
+    methods = [layer.method for layer in spectrum.layers]
+    return {
+        "shape": shape, "hidden": hidden, "intermediate": inter, "heads": heads, "kv_heads": kv,
+        "layers": 1, "examples": n_examples, "tokens": n_examples * length, "max_rank": max_rank,
+        "targets": len(targets), "sketched_layers": methods.count("sketch"),
+        "one_forward_backward_s": round(base, 2), "gradient_spectrum_s": round(seconds, 2),
+        "ratio": round(seconds / base, 3),
+        "ratio_without_decompositions": round((seconds - timings["decompositions"]) / base, 3),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--max-rank", type=int, default=64)
+    args = parser.parse_args()
+    row = measure(args.shape, args.examples, args.length, args.max_rank)
+    json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
+               "versions": versions()}, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
