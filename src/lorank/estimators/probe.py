@@ -761,7 +761,7 @@ def nested_probe(
     remove it. Nor did a learned gain per (truncation, component), nor a learned b x b core
     per truncation b (B[:, :b] M_b A[:b]: any rank-b map between the first b components'
     subspaces; k=2: rank 2 at 1.55 nats against 1.37 at rank 4, k=4: rank 4 at 0.81 against
-    0.73 at 8; session 12): so the shared subspaces themselves are off, not their scales.
+    0.73 at 8; benchmarks/nested_variants.py): so the shared subspaces themselves are off, not their scales.
     The likely reason (not proven here): under cross-entropy the
     best rank-1 update of a rank-2 change need not lie in the span of the best rank-2 one, so
     the optima of the truncations are not nested and the b = 1 draws pull the first
