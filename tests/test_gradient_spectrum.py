@@ -40,6 +40,7 @@ from lorank.estimators.base import Evidence
 from lorank.estimators.gradient import (
     TOP_OVERSAMPLE,
     GradientSpectrum,
+    _plan,
     _Tap,
     fit_growth,
     gradient_spectrum,
@@ -413,6 +414,45 @@ def test_same_seed_same_result_and_progress_bar_runs():
     assert a.layers[0].t_ab == b.layers[0].t_ab and a.layers[0].ranks == b.layers[0].ranks
     assert all(p.requires_grad for p in student.parameters())  # flags restored
     assert all(p.grad is None for p in student.parameters())  # no full-weight gradients kept
+
+
+def test_batching_does_not_change_the_measurement():
+    """Batches are formed over a whole half in length order, so one batch can hold examples of
+    several data fractions; the hooks route each example to its own chunk. If they did not,
+    the per-fraction spectra and the cross-fitted strengths would depend on the batch size."""
+    student, examples, _ = planted(4)
+    kwargs = dict(pad_token_id=0, max_rank=8, seed=3, progress=False)
+    targets = ["lm_head", "model.layers.1.mlp.down_proj"]
+    by_batch = {b: gradient_spectrum(student, examples[:120], targets, batch_size=b, **kwargs)
+                for b in (7, 60)}
+    for small, large in zip(by_batch[7].layers, by_batch[60].layers, strict=True):
+        for rule in ("replication", "gavish_donoho", "energy90"):
+            assert small.ranks[rule] == large.ranks[rule]
+        assert small.replication_ab == large.replication_ab
+        np.testing.assert_allclose(small.strength_ab, large.strength_ab, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(small.singular_values, large.singular_values, rtol=1e-4)
+    assert by_batch[7].layers[0].replication_ab[-1] >= 3  # the planted signal is there to see
+
+
+def test_plan_pads_no_more_than_one_length_sorted_pass():
+    _, examples, _ = planted(4)
+    examples = examples[:64]
+    lengths = np.array([len(e["input_ids"]) for e in examples])
+    plan = _plan(examples, (0.25, 0.5, 1.0), seed=0, batch_size=8, max_groups=256)
+
+    def padded(batches: list[np.ndarray]) -> int:
+        return int(sum(lengths[b].max() * len(b) for b in batches))
+
+    seen = np.concatenate([idx for h in (0, 1) for idx, _, _ in plan.batches[h]])
+    assert sorted(seen.tolist()) == list(range(64))  # every example once
+    for h in (0, 1):
+        idx = np.concatenate([b[0] for b in plan.batches[h]])
+        in_order = np.sort(lengths[idx])
+        one_pass = [np.arange(i, min(i + 8, len(idx))) for i in range(0, len(idx), 8)]
+        assert padded([b[0] for b in plan.batches[h]]) == int(
+            sum(in_order[r].max() * len(r) for r in one_pass))
+        chunks = np.concatenate([b[1] for b in plan.batches[h]])
+        assert np.bincount(chunks).tolist() == [8, 8, 16]  # chunk sizes of a 32-example half
 
 
 @pytest.mark.parametrize(

@@ -460,7 +460,8 @@ class _Plan:
     chunk_ends: list[int]  # cumulative examples per half at each fraction
     group_ends: list[int]  # cumulative groups per half at each fraction
     n_groups: int  # groups per half
-    batches: list[list[tuple[int, np.ndarray, np.ndarray]]]  # half -> [(chunk, idx, group ids)]
+    # half -> batches of (example indices, their chunks, their group ids)
+    batches: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
     def n_batches(self) -> int:
         return 2 * len(self.batches[0]) + len(self.batches[1])  # A, B, then A again
@@ -469,7 +470,12 @@ class _Plan:
 def _plan(
     examples: list[dict], fractions: tuple[float, ...], seed: int, batch_size: int, max_groups: int
 ) -> _Plan:
-    """Deterministic split: shuffle with `seed`, halves A and B, each cut at the fractions."""
+    """Deterministic split: shuffle with `seed`, halves A and B, each cut at the fractions.
+
+    Batches are formed over a whole half in length order, not chunk by chunk: a batch may hold
+    examples of several chunks (the hooks route each example to its chunk), so batches pad as
+    little as a plain length-sorted pass (SmolLM2, 64 demo examples: 47% more padded tokens
+    than 1.5 such passes when each chunk was batched on its own)."""
     fr = [float(f) for f in fractions]
     if (
         not fr
@@ -494,20 +500,30 @@ def _plan(
     perm = np.random.default_rng(seed).permutation(n)
     lengths = np.array([len(e["input_ids"]) for e in examples])
     group_size = math.ceil(n_half / max_groups)
-    batches: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[], []]
+    batches: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[], []]
     group_ends = []
     for h in range(2):
         half = perm[h * n_half : (h + 1) * n_half]
         next_group = 0
+        idx_parts, chunk_parts, group_parts = [], [], []
         for c, (lo, hi) in enumerate(zip([0] + chunk_ends[:-1], chunk_ends, strict=True)):
             idx = half[lo:hi]
-            idx = idx[np.argsort(lengths[idx], kind="stable")]  # less padding per batch
+            idx = idx[np.argsort(lengths[idx], kind="stable")]  # groups of similar lengths
             groups = next_group + np.arange(len(idx)) // group_size
             next_group = int(groups[-1]) + 1
             if h == 0:
                 group_ends.append(next_group)
-            for b in range(0, len(idx), batch_size):
-                batches[h].append((c, idx[b : b + batch_size], groups[b : b + batch_size]))
+            idx_parts.append(idx)
+            chunk_parts.append(np.full(len(idx), c))
+            group_parts.append(groups)
+        idx, chunks, groups = (np.concatenate(p) for p in (idx_parts, chunk_parts, group_parts))
+        # by length (less padding per batch), then by chunk among equal lengths (fewer batches
+        # that mix chunks: each chunk of a batch is one more call per hooked layer)
+        order = np.lexsort((chunks, lengths[idx]))
+        idx, chunks, groups = idx[order], chunks[order], groups[order]
+        for b in range(0, len(idx), batch_size):
+            sl = slice(b, b + batch_size)
+            batches[h].append((idx[sl], chunks[sl], groups[sl]))
     n_groups = group_ends[-1]
     return _Plan(n_half, chunk_ends, group_ends, n_groups, batches)
 
@@ -985,11 +1001,14 @@ class _Streaming:
 
     def _on_grad(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
         tap, ctx = self.by_name[name], self.ctx
-        if ctx["accumulate"]:  # passes 1 and 2 read every example exactly once
-            tap.add(ctx["half"], ctx["chunk"], x3.reshape(-1, tap.d_in), d3.reshape(-1, tap.d_out))
+        for chunk, rows, groups in ctx["parts"]:  # the batch's examples, chunk by chunk
+            x, d = (x3, d3) if rows is None else (x3[rows], d3[rows])
+            if ctx["accumulate"]:  # passes 1 and 2 read every example exactly once
+                tap.add(ctx["half"], chunk, x.reshape(-1, tap.d_in), d.reshape(-1, tap.d_out))
+            if ctx["project"]:
+                tap.project(ctx["half"], chunk, groups, x, d)
+        if ctx["accumulate"]:
             self._read_inputs(tap, x3, ctx["mask"])
-        if ctx["project"]:
-            tap.project(ctx["half"], ctx["chunk"], ctx["groups"], x3, d3)
 
     def _read_inputs(self, tap: _Tap, x3: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the layer's real-token inputs to its Gram matrix, once per distinct input tensor
@@ -1021,14 +1040,19 @@ class _Streaming:
         bar: Any,
     ) -> None:
         device = next(self.model.parameters()).device
-        for chunk, idx, groups in plan.batches[half]:
+        for idx, chunks, groups in plan.batches[half]:
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
+            parts = []
+            for chunk in np.unique(chunks):  # rows None: the whole batch is one chunk
+                rows = np.nonzero(chunks == chunk)[0]
+                whole = len(rows) == len(chunks)
+                parts.append((int(chunk), None if whole else torch.as_tensor(rows, device=device),
+                              torch.as_tensor(groups[rows], device=device)))
             self.ctx = {
                 "half": half,
-                "chunk": chunk,
                 "accumulate": accumulate,
                 "project": project,
-                "groups": torch.as_tensor(groups, device=device),
+                "parts": parts,
                 "mask": batch["attention_mask"],
             }
             with self.hooks.reading(len(idx)):
