@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorank.api import versions
 from lorank.estimators.gradient import gradient_spectrum
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 from gradient_cost import one_pass_seconds  # noqa: E402
 
 # hidden, intermediate, attention heads, key-value heads (head dim 64 or 128, as released)
@@ -49,9 +50,8 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
     for _ in range(n_examples):
         ids = torch.randint(1, config.vocab_size, (length,), generator=gen).tolist()
         examples.append({"input_ids": ids, "labels": list(ids)})
-    targets = [name for name, m in model.model.layers.named_modules()
-               if isinstance(m, torch.nn.Linear)]
-    targets = [f"model.layers.{name}" for name in targets]
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
     base = one_pass_seconds(model, examples, 0, 8)
     start = time.perf_counter()
     spectrum = gradient_spectrum(model, examples, targets, pad_token_id=0, max_rank=max_rank,

@@ -761,12 +761,12 @@ def nested_probe(
     remove it. Nor did a learned gain per (truncation, component), nor a learned b x b core
     per truncation b (B[:, :b] M_b A[:b]: any rank-b map between the first b components'
     subspaces; k=2: rank 2 at 1.55 nats against 1.37 at rank 4, k=4: rank 4 at 0.81 against
-    0.73 at 8; benchmarks/nested_variants.py): so the shared subspaces themselves are off, not their scales.
-    The likely reason (not proven here): under cross-entropy the
-    best rank-1 update of a rank-2 change need not lie in the span of the best rank-2 one, so
-    the optima of the truncations are not nested and the b = 1 draws pull the first
-    component away from the span the b = 2 truncation needs. `svd_truncation_curve` on a
-    plain adapter (the default probe) found k exactly on the same problems.
+    0.73 at 8; benchmarks/nested_variants.py). So the shared subspaces are off, not their
+    scales. The likely reason (not proven here): under cross-entropy the best rank-1 update
+    of a rank-2 change need not lie in the span of the best rank-2 one, so the truncations'
+    optima are not nested, and the b = 1 draws pull the first component away from the span
+    the b = 2 truncation needs. `svd_truncation_curve` on a plain adapter (the default probe)
+    found k exactly on the same problems.
     """
     ranks = sorted(set(int(r) for r in ranks)) if ranks else default_ranks(max_rank)
     if ranks[-1] != max_rank:
