@@ -434,6 +434,24 @@ def test_batching_does_not_change_the_measurement():
     assert by_batch[7].layers[0].replication_ab[-1] >= 3  # the planted signal is there to see
 
 
+def test_replayed_pass_3_gives_the_numbers_of_a_live_one():
+    """Pass 3 replays half A's recorded (x, d) when they fit in replay_mb instead of running a
+    third forward+backward: the same tensors in the same order, so every projection, statistic
+    and rank is the live pass's to the bit (mixed-chunk batches included: batch size 7)."""
+    student, examples, _ = planted(4)
+    kwargs = dict(pad_token_id=0, max_rank=8, seed=3, batch_size=7, progress=False)
+    targets = ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    runs = {mb: gradient_spectrum(student, examples[:120], targets, replay_mb=mb, **kwargs)
+            for mb in (0, 0.05, 64)}  # 0.05 MiB: the tape outgrows it mid-pass and is dropped
+    assert [runs[mb].settings["pass_3"] for mb in (0, 0.05, 64)] == [
+        "forward+backward", "forward+backward", "replayed"]
+    for mb in (0.05, 64):
+        for a, b in zip(runs[0].layers, runs[mb].layers, strict=True):
+            assert a.strength_ba == b.strength_ba and a.t_ba == b.t_ba  # B -> A: pass 3's
+            assert a.ranks == b.ranks and a.replication_ba == b.replication_ba
+    assert runs[64].layers[0].replication_ba[-1] >= 3  # the planted signal is there to see
+
+
 def test_plan_pads_no_more_than_one_length_sorted_pass():
     _, examples, _ = planted(4)
     examples = examples[:64]

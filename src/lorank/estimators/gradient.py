@@ -25,6 +25,11 @@ Why this order and not "sketch everything, then one more full pass": the project
 other half's pairs first, and reading B only after A is summarised gets A -> B for free, so
 only half the data is read twice. The projections are exact for sketched layers too (they use
 d_t and x_t, not the sketch), so the test stays valid however rough the sketch is.
+Pass 3 needs only A's (x_t, d_t) again, not a new forward and backward: when they fit in
+`replay_mb` (small models and calibration sets, e.g. MiniLM-L6 at 256 examples: ~0.35 GB),
+pass 1 keeps them and pass 3 replays them (the same tensors in the same order, so the same
+numbers), which leaves one forward+backward over the calibration set instead of 1.5. Large
+models run pass 3 as a pass, holding O(k (d_in + d_out)) per layer.
 
 Chunks: each half is cut into chunks at the data fractions (n/4, n/2, n by default). Sketches
 and exact G are linear in the data, so the sums of the first chunks are the summaries at each
@@ -322,6 +327,7 @@ def gradient_spectrum(
     global_quantile: float = 0.9,
     input_sketch_rank: int = 128,
     sketch_check: bool = False,
+    replay_mb: float = 2048.0,
     progress: bool = True,
 ) -> GradientSpectrum:
     """Measure each target layer's gradient spectrum on `examples` (see the module docstring).
@@ -340,6 +346,10 @@ def gradient_spectrum(
       principal angles between the two (`LayerSpectrum.sketch_check`). Off by default: it
       costs one more sketch per sketched layer per token (MiniLM-L6, 256 examples: 2.8x one
       forward+backward without it, 4.4x with it; benchmarks/gradient_cost.py).
+    replay_mb: keep half A's layer inputs and output gradients from pass 1 while they take at
+      most this many MiB (float32, padded tokens, on the model's device) and run pass 3 on
+      them instead of a third forward+backward (identical results); past it, or at 0, pass 3
+      runs as a pass.
     """
     start = time.perf_counter()
     _check_rule(rule)
@@ -368,12 +378,11 @@ def gradient_spectrum(
         for i, (name, module) in enumerate(taps_spec)
     ]
     timings: dict[str, float] = {}
-    with (_Streaming(model, taps) as stream,
+    with (_Streaming(model, taps, replay_mb) as stream,
           ticker("gradient spectrum", plan.n_batches(), progress) as bar):
         t0 = time.perf_counter()
-        stream.run(
-            examples, plan, half=0, accumulate=True, project=False, pad=pad_token_id, bar=bar
-        )
+        stream.run(examples, plan, half=0, accumulate=True, project=False, record=True,
+                   pad=pad_token_id, bar=bar)
         t1 = time.perf_counter()
         for tap in taps:
             tap.set_directions(read_half=1, pairs=tap.top_pairs(half=0))
@@ -386,9 +395,13 @@ def gradient_spectrum(
         timings["decompositions"] = decompose + time.perf_counter() - t1  # part of passes 1-2
         timings["passes_1_2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stream.run(
-            examples, plan, half=0, accumulate=False, project=True, pad=pad_token_id, bar=bar
-        )
+        replay = stream.recorded
+        if replay:
+            stream.replay(half=0, bar=bar)
+        else:
+            stream.run(
+                examples, plan, half=0, accumulate=False, project=True, pad=pad_token_id, bar=bar
+            )
         timings["pass_3"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -419,6 +432,8 @@ def gradient_spectrum(
             "max_groups": max_groups,
             "input_sketch_rank": input_sketch_rank,
             "groups_per_half": plan.n_groups,
+            "replay_mb": replay_mb,
+            "pass_3": "replayed" if replay else "forward+backward",
             "timings": timings,
         },
         notes=notes,
@@ -984,11 +999,15 @@ class _Streaming:
     """Runs passes over the plan with output-gradient hooks on the target layers
     (`lorank.hooks`: all parameters frozen, no full-weight .grad ever stored)."""
 
-    def __init__(self, model: nn.Module, taps: list[_Tap]):
+    def __init__(self, model: nn.Module, taps: list[_Tap], replay_mb: float = 0.0):
         self.model = model
         self.by_name = {tap.name: tap for tap in taps}
         self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
         self.ctx: dict[str, Any] = {}
+        # recorded batches for the replay: (chunk parts, layer -> (x, d)), within replay_mb
+        self.tape: list[tuple[list[tuple], dict[str, tuple]]] = []
+        self.tape_limit, self.tape_bytes, self.recorded = replay_mb * 2**20, 0, replay_mb > 0
+        self.tape_storages: set[int] = set()
         self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
         self.first: dict[str, torch.Tensor] = {}  # first batch's inputs, alive until compared
 
@@ -1001,14 +1020,36 @@ class _Streaming:
 
     def _on_grad(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
         tap, ctx = self.by_name[name], self.ctx
-        for chunk, rows, groups in ctx["parts"]:  # the batch's examples, chunk by chunk
-            x, d = (x3, d3) if rows is None else (x3[rows], d3[rows])
-            if ctx["accumulate"]:  # passes 1 and 2 read every example exactly once
-                tap.add(ctx["half"], chunk, x.reshape(-1, tap.d_in), d.reshape(-1, tap.d_out))
-            if ctx["project"]:
-                tap.project(ctx["half"], chunk, groups, x, d)
+        _feed(tap, ctx["half"], ctx["parts"], x3, d3, ctx["accumulate"], ctx["project"])
         if ctx["accumulate"]:
             self._read_inputs(tap, x3, ctx["mask"])
+        if ctx["record"] and self.recorded:
+            self._record(name, x3, d3)
+
+    def _record(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
+        """Keep one layer's (x, d) of this batch for the replay, counting each storage once
+        (q, k and v read one input tensor); past the limit, drop the tape and stop recording
+        (pass 3 then runs as a pass)."""
+        for t in (x3, d3):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.tape_storages:
+                self.tape_storages.add(ptr)
+                self.tape_bytes += t.untyped_storage().nbytes()
+        if self.tape_bytes > self.tape_limit:
+            self.tape, self.recorded = [], False
+            self.tape_storages.clear()
+            return
+        self.tape[-1][1][name] = (x3, d3)
+
+    def replay(self, half: int, bar: Any) -> None:
+        """Pass 3 without a forward+backward: project the batches recorded in pass 1, in
+        their order (the sums come out as the live pass's), then free them."""
+        for parts, tensors in self.tape:
+            for name, (x3, d3) in tensors.items():
+                _feed(self.by_name[name], half, parts, x3, d3, accumulate=False, project=True)
+            bar()
+        self.tape = []
+        self.tape_storages.clear()
 
     def _read_inputs(self, tap: _Tap, x3: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the layer's real-token inputs to its Gram matrix, once per distinct input tensor
@@ -1038,6 +1079,7 @@ class _Streaming:
         project: bool,
         pad: int,
         bar: Any,
+        record: bool = False,
     ) -> None:
         device = next(self.model.parameters()).device
         for idx, chunks, groups in plan.batches[half]:
@@ -1052,9 +1094,12 @@ class _Streaming:
                 "half": half,
                 "accumulate": accumulate,
                 "project": project,
+                "record": record,
                 "parts": parts,
                 "mask": batch["attention_mask"],
             }
+            if record and self.recorded:
+                self.tape.append((parts, {}))
             with self.hooks.reading(len(idx)):
                 loss = summed_loss(self.model, batch)
                 if not loss.requires_grad:
@@ -1064,6 +1109,18 @@ class _Streaming:
             if accumulate and not self.owner:
                 self._share_inputs()
             bar()
+
+
+def _feed(tap: _Tap, half: int, parts: list[tuple], x3: torch.Tensor, d3: torch.Tensor,
+          accumulate: bool, project: bool) -> None:
+    """One batch's (x, d) of one layer, routed chunk by chunk: accumulated into the half's
+    summaries (passes 1 and 2 read every example exactly once) and/or projected per group."""
+    for chunk, rows, groups in parts:
+        x, d = (x3, d3) if rows is None else (x3[rows], d3[rows])
+        if accumulate:
+            tap.add(half, chunk, x.reshape(-1, tap.d_in), d.reshape(-1, tap.d_out))
+        if project:
+            tap.project(half, chunk, groups, x, d)
 
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
