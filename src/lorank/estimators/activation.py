@@ -315,6 +315,7 @@ class Gram:
     ):
         self.d, self.exact = d, d <= exact_max_dim
         self.trace, self.n_tokens = 0.0, 0
+        self._eig: np.ndarray | None = None
         if self.exact:
             self.c = torch.zeros(d, d, dtype=torch.float64, device=device)
         else:
@@ -329,6 +330,7 @@ class Gram:
         """One batch's rows: products in float32 (float64 matmuls are ~2x slower and this runs
         inside the gradient spectrum's passes too), summed across batches in float64."""
         x = x.float()
+        self._eig = None
         self.trace += float((x**2).sum(dtype=torch.float64))
         self.n_tokens += x.shape[0]
         if self.exact:
@@ -337,7 +339,13 @@ class Gram:
             self.y += (x.T @ (x @ self.omega32)).double()
 
     def eigenvalues(self) -> np.ndarray:
-        """Eigenvalues of C, largest first (the sketch gives the top k)."""
+        """Eigenvalues of C, largest first (the sketch gives the top k). Computed once: layers
+        that read one input (q, k and v) share one Gram and ask for them each."""
+        if self._eig is None:
+            self._eig = self._eigenvalues()
+        return self._eig
+
+    def _eigenvalues(self) -> np.ndarray:
         if self.exact:
             return torch.linalg.eigvalsh(self.c).flip(0).clamp_min(0).cpu().numpy()
         # stabilised Nystrom (Tropp et al. 2017, Algorithm 3)
