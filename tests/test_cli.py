@@ -128,6 +128,12 @@ def test_analyze_bad_calib(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     assert_one_line_error(code, err, "--calib 3: need at least 4 examples")
 
 
+def test_analyze_bad_replay_mb(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
+                       "--replay-mb", "-1", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "--replay-mb -1.0: expected a size in MiB >= 0")
+
+
 def test_analyze_max_rank_above_layer(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
                        "--max-rank", "32", "--out", str(tmp_path / "o"), "--quiet")
@@ -137,8 +143,11 @@ def test_analyze_max_rank_above_layer(monkeypatch, capsys, model_dir, pc_data, t
 def test_analyze_writes_layer_table(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, out, _ = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
                        "--max-length", "48", "--max-rank", "8", "--out", str(tmp_path / "o"),
-                       "--quiet")
+                       "--replay-mb", "0", "--quiet")
     assert code == 0 and "gradient" in out
+    rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
+    settings = next(e for e in rec["evidence"] if e["name"] == "gradient")["details"]["settings"]
+    assert settings["replay_mb"] == 0 and settings["pass_3"] == "forward+backward"
     assert (tmp_path / "o" / "gradient_layers.md").exists()
     assert (tmp_path / "o" / "adapter_config.json").exists()
 

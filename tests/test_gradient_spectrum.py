@@ -437,15 +437,20 @@ def test_batching_does_not_change_the_measurement():
 def test_replayed_pass_3_gives_the_numbers_of_a_live_one():
     """Pass 3 replays half A's recorded (x, d) when they fit in replay_mb instead of running a
     third forward+backward: the same tensors in the same order, so every projection, statistic
-    and rank is the live pass's to the bit (mixed-chunk batches included: batch size 7)."""
+    and rank is the live pass's to the bit (mixed-chunk batches included: batch size 7). A tape
+    that outgrows replay_mb mid-pass is dropped and pass 3 runs live, with the same numbers."""
     student, examples, _ = planted(4)
     kwargs = dict(pad_token_id=0, max_rank=8, seed=3, batch_size=7, progress=False)
     targets = ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    plan = _plan(examples[:120], (0.25, 0.5, 1.0), seed=3, batch_size=7, max_groups=256)
+    modules = dict(student.named_modules())
+    d_out = sum(modules[t].out_features for t in targets)
+    tight = 1.01 * 4 * plan.tokens(examples[:120], half=0) * d_out / 2**20  # d fits, x + d not
     runs = {mb: gradient_spectrum(student, examples[:120], targets, replay_mb=mb, **kwargs)
-            for mb in (0, 0.05, 64)}  # 0.05 MiB: the tape outgrows it mid-pass and is dropped
-    assert [runs[mb].settings["pass_3"] for mb in (0, 0.05, 64)] == [
-        "forward+backward", "forward+backward", "replayed"]
-    for mb in (0.05, 64):
+            for mb in (0, tight, 64)}
+    assert [runs[mb].settings["pass_3"] for mb in (0, tight, 64)] == [
+        "forward+backward", "forward+backward (the tape outgrew replay_mb)", "replayed"]
+    for mb in (tight, 64):
         for a, b in zip(runs[0].layers, runs[mb].layers, strict=True):
             assert a.strength_ba == b.strength_ba and a.t_ba == b.t_ba  # B -> A: pass 3's
             assert a.ranks == b.ranks and a.replication_ba == b.replication_ba

@@ -79,7 +79,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               budget: str | int | None = None, probe_method: str = "svd",
               probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
               calib: int = 256, sketch_check: bool = False,
-              gradient_max_rank: int | None = None, sweep: str | Path | None = None,
+              gradient_max_rank: int | None = None, gradient_replay_mb: float = 2048.0,
+              sweep: str | Path | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
@@ -116,7 +117,7 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
                   "lr": lr, "out": Path(out) if out is not None else None,
                   "gradient": {"calib": calib, "max_rank": gradient_max_rank,
-                               "sketch_check": sketch_check}}
+                               "sketch_check": sketch_check, "replay_mb": gradient_replay_mb}}
     for name in estimators:
         evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
                                       batch_size=batch_size, seed=seed, progress=progress,
@@ -149,7 +150,8 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
         return run_gradient(loaded, prepared, targets, calib=gradient.get("calib", 256),
                             max_rank=gradient.get("max_rank"), batch_size=batch_size,
                             seed=seed, progress=progress, out=(probe or {}).get("out"),
-                            sketch_check=gradient.get("sketch_check", False))
+                            sketch_check=gradient.get("sketch_check", False),
+                            replay_mb=gradient.get("replay_mb", 2048.0))
     if name == "probe":
         probe = probe or {}
         return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
@@ -165,7 +167,7 @@ ESTIMATORS = ("capacity", "gradient", "probe")
 def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
                  calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
                  seed: int = 0, progress: bool = True, out: Path | None = None,
-                 sketch_check: bool = False) -> Evidence:
+                 sketch_check: bool = False, replay_mb: float = 2048.0) -> Evidence:
     """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
 
     A classification model first gets its new head fitted on frozen features (on a copy, so
@@ -179,6 +181,8 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
 
     if calib < 4:
         raise LorankError(f"--calib {calib}: need at least 4 examples (two per half)")
+    if not replay_mb >= 0:
+        raise LorankError(f"--replay-mb {replay_mb}: expected a size in MiB >= 0 (0: no replay)")
     if max_rank is None:
         max_rank = min(64, targets.max_rank)
     targets.check_rank(max_rank)
@@ -205,7 +209,7 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
                                      pad_token_id=loaded.pad_token_id, max_rank=max_rank,
                                      batch_size=batch_size, seed=seed, fractions=fractions,
                                      n_train=len(prepared.train), sketch_check=sketch_check,
-                                     progress=progress)
+                                     replay_mb=replay_mb, progress=progress)
     except ValueError as err:
         raise LorankError(str(err)) from None
     evidence = spectrum.to_evidence()

@@ -80,6 +80,9 @@ def analyze(
     sketch_check: bool = typer.Option(False, help="report each sketched layer's principal "
                                       "angles to an independent replica sketch (costs more)"),
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
+    replay_mb: float = typer.Option(2048, help="memory (MiB, on the model's device) that half A's "
+                                    "layer inputs and gradients may take to replay the last "
+                                    "pass instead of running it; 0: always run it"),
     out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
@@ -90,7 +93,8 @@ def analyze(
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
-               gradient_max_rank=max_rank, sketch_check=sketch_check, progress=not quiet)
+               gradient_max_rank=max_rank, sketch_check=sketch_check,
+               gradient_replay_mb=replay_mb, progress=not quiet)
     console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 

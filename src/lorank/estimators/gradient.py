@@ -378,7 +378,9 @@ def gradient_spectrum(
         for i, (name, module) in enumerate(taps_spec)
     ]
     timings: dict[str, float] = {}
-    with (_Streaming(model, taps, replay_mb) as stream,
+    # no tape when half A's output gradients alone would not fit (large models)
+    gradients_mb = 4 * plan.tokens(examples, half=0) * sum(t.d_out for t in taps) / 2**20
+    with (_Streaming(model, taps, replay_mb if gradients_mb <= replay_mb else 0.0) as stream,
           ticker("gradient spectrum", plan.n_batches(), progress) as bar):
         t0 = time.perf_counter()
         stream.run(examples, plan, half=0, accumulate=True, project=False, record=True,
@@ -395,7 +397,7 @@ def gradient_spectrum(
         timings["decompositions"] = decompose + time.perf_counter() - t1  # part of passes 1-2
         timings["passes_1_2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        replay = stream.recorded
+        replay, dropped = stream.recorded, stream.tape_limit > 0 and not stream.recorded
         if replay:
             stream.replay(half=0, bar=bar)
         else:
@@ -433,7 +435,8 @@ def gradient_spectrum(
             "input_sketch_rank": input_sketch_rank,
             "groups_per_half": plan.n_groups,
             "replay_mb": replay_mb,
-            "pass_3": "replayed" if replay else "forward+backward",
+            "pass_3": "replayed" if replay else "forward+backward" + (
+                " (the tape outgrew replay_mb)" if dropped else ""),
             "timings": timings,
         },
         notes=notes,
@@ -480,6 +483,11 @@ class _Plan:
 
     def n_batches(self) -> int:
         return 2 * len(self.batches[0]) + len(self.batches[1])  # A, B, then A again
+
+    def tokens(self, examples: list[dict], half: int) -> int:
+        """Token positions a half's batches hold, padding included."""
+        return sum(len(idx) * max(len(examples[i]["input_ids"]) for i in idx)
+                   for idx, _, _ in self.batches[half])
 
 
 def _plan(
