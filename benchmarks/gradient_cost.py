@@ -5,7 +5,7 @@ Usage (one process per model, so peak RSS is that model's; --calib 64 and 256 on
   .venv/bin/python benchmarks/gradient_cost.py --model minilm-l6 --calib 256 > benchmarks/results/gradient_cost_minilm_calib256.json
 The ratio compares two timings taken in the same process one after the other; load on the
 other core moves both, but not always equally (a one-pass timing under load ran 2.7x the idle
-one), so the recorded runs (session 11) ran one at a time on an idle machine, OMP_NUM_THREADS=1.
+one), so the recorded runs ran one at a time on an idle machine, OMP_NUM_THREADS=1.
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64.
 """
@@ -72,7 +72,7 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "one_forward_backward_s": round(base, 2), "gradient_spectrum_s": round(seconds, 2),
             "ratio": round(seconds / base, 2), "peak_rss_after_load_mib": round(rss_loaded),
             "peak_rss_after_analysis_mib": round(peak_rss_mib()),
-            "global_rank": spectrum.global_rank()[0],
+            "global_rank": spectrum.global_rank()[0], "pass_3": spectrum.settings["pass_3"],
             "timings_s": {k: round(v, 2) for k, v in spectrum.settings["timings"].items()}}
 
 
