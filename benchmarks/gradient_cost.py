@@ -25,7 +25,11 @@ import torch
 from lorank.api import prepare_inputs, versions
 from lorank.data import collate
 from lorank.demo import build_demo_data
-from lorank.estimators.gradient import fit_head_on_frozen_features, gradient_spectrum
+from lorank.estimators.gradient import (
+    REPLAY_MB,
+    fit_head_on_frozen_features,
+    gradient_spectrum,
+)
 from lorank.targets import resolve_targets
 from lorank.tasks import build_task
 
@@ -53,7 +57,7 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size) -> float:
 
 
 def measure(name: str, model_source: str, data: str, val: str | None, calib: int,
-            max_length: int, batch_size: int = 8) -> dict:
+            max_length: int, batch_size: int = 8, replay_mb: float = REPLAY_MB) -> dict:
     loaded, prepared = prepare_inputs(model_source, data, val_data=val, max_length=max_length)
     targets = resolve_targets(loaded.model)
     sample = prepared.train[:calib]
@@ -64,7 +68,7 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
     start = time.perf_counter()
     spectrum = gradient_spectrum(loaded.model, sample, [t.name for t in targets.layers],
                                  pad_token_id=loaded.pad_token_id, max_rank=64,
-                                 batch_size=batch_size, progress=False)
+                                 batch_size=batch_size, replay_mb=replay_mb, progress=False)
     seconds = time.perf_counter() - start
     methods = [layer.method for layer in spectrum.layers]
     return {"model": name, "calib_examples": len(sample), "targets": len(targets.layers),
@@ -80,15 +84,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("smollm2-135m", "minilm-l6"), required=True)
     parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--replay-mb", type=float, default=REPLAY_MB,
+                        help="as in `lorank analyze` (0: pass 3 always runs as a pass)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if args.model == "smollm2-135m":
         demo = build_demo_data(tmp / "demo.jsonl", n=400)
-        row = measure(args.model, args.model, str(demo), None, args.calib, 192)
+        row = measure(args.model, args.model, str(demo), None, args.calib, 192,
+                      replay_mb=args.replay_mb)
     else:
         task = build_task("wordnet-lexname", tmp / "lexname")
         row = measure(args.model, args.model, str(task["train"]), str(task["val"]),
-                      args.calib, 64)
+                      args.calib, 64, replay_mb=args.replay_mb)
     json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
                "versions": versions()}, sys.stdout, indent=1)
 

@@ -79,7 +79,7 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               budget: str | int | None = None, probe_method: str = "svd",
               probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
               calib: int = 256, sketch_check: bool = False,
-              gradient_max_rank: int | None = None, gradient_replay_mb: float = 2048.0,
+              gradient_max_rank: int | None = None, gradient_replay_mb: float | None = None,
               sweep: str | Path | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
@@ -151,7 +151,7 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
                             max_rank=gradient.get("max_rank"), batch_size=batch_size,
                             seed=seed, progress=progress, out=(probe or {}).get("out"),
                             sketch_check=gradient.get("sketch_check", False),
-                            replay_mb=gradient.get("replay_mb", 2048.0))
+                            replay_mb=gradient.get("replay_mb"))
     if name == "probe":
         probe = probe or {}
         return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
@@ -167,7 +167,7 @@ ESTIMATORS = ("capacity", "gradient", "probe")
 def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
                  calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
                  seed: int = 0, progress: bool = True, out: Path | None = None,
-                 sketch_check: bool = False, replay_mb: float = 2048.0) -> Evidence:
+                 sketch_check: bool = False, replay_mb: float | None = None) -> Evidence:
     """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
 
     A classification model first gets its new head fitted on frozen features (on a copy, so
@@ -176,11 +176,16 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     import copy
     import random
 
-    from lorank.estimators.gradient import fit_head_on_frozen_features, gradient_spectrum
+    from lorank.estimators.gradient import (
+        REPLAY_MB,
+        fit_head_on_frozen_features,
+        gradient_spectrum,
+    )
     from lorank.report import write_gradient_report
 
     if calib < 4:
         raise LorankError(f"--calib {calib}: need at least 4 examples (two per half)")
+    replay_mb = REPLAY_MB if replay_mb is None else replay_mb
     if not replay_mb >= 0:
         raise LorankError(f"--replay-mb {replay_mb}: expected a size in MiB >= 0 (0: no replay)")
     if max_rank is None:

@@ -26,10 +26,10 @@ other half's pairs first, and reading B only after A is summarised gets A -> B f
 only half the data is read twice. The projections are exact for sketched layers too (they use
 d_t and x_t, not the sketch), so the test stays valid however rough the sketch is.
 Pass 3 needs only A's (x_t, d_t) again, not a new forward and backward: when they fit in
-`replay_mb` (small models and calibration sets, e.g. MiniLM-L6 at 256 examples: ~0.35 GB),
-pass 1 keeps them and pass 3 replays them (the same tensors in the same order, so the same
-numbers), which leaves one forward+backward over the calibration set instead of 1.5. Large
-models run pass 3 as a pass, holding O(k (d_in + d_out)) per layer.
+`replay_mb` (small models and calibration sets: MiniLM-L6 at 256 examples ~0.35 GB, SmolLM2
+at 64 ~2.1 GB), pass 1 keeps them (`_Tape`) and pass 3 replays them (the same tensors in the
+same order, so the same numbers), which leaves one forward+backward over the calibration set
+instead of 1.5. Large models run pass 3 as a pass, holding O(k (d_in + d_out)) per layer.
 
 Chunks: each half is cut into chunks at the data fractions (n/4, n/2, n by default). Sketches
 and exact G are linear in the data, so the sums of the first chunks are the summaries at each
@@ -82,6 +82,7 @@ from lorank.report import ticker
 # the other half with a randomized range finder (TOP_NITER power iterations), not a full SVD.
 TOP_OVERSAMPLE, TOP_NITER = 16, 2
 INPUT_ENERGY = (0.9, 0.95)  # input-spectrum energy levels reported per layer
+REPLAY_MB = 2048.0  # default memory for the replay of pass 3 (`gradient_spectrum`)
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable",
          "replicated_energy90", "replicated_energy95")
 
@@ -327,7 +328,7 @@ def gradient_spectrum(
     global_quantile: float = 0.9,
     input_sketch_rank: int = 128,
     sketch_check: bool = False,
-    replay_mb: float = 2048.0,
+    replay_mb: float = REPLAY_MB,
     progress: bool = True,
 ) -> GradientSpectrum:
     """Measure each target layer's gradient spectrum on `examples` (see the module docstring).
@@ -397,7 +398,7 @@ def gradient_spectrum(
         timings["decompositions"] = decompose + time.perf_counter() - t1  # part of passes 1-2
         timings["passes_1_2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        replay, dropped = stream.recorded, stream.tape_limit > 0 and not stream.recorded
+        replay, dropped = stream.tape.complete, stream.tape.dropped
         if replay:
             stream.replay(half=0, bar=bar)
         else:
@@ -1026,10 +1027,7 @@ class _Streaming:
         self.by_name = {tap.name: tap for tap in taps}
         self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
         self.ctx: dict[str, Any] = {}
-        # recorded batches for the replay: (chunk parts, layer -> (x, d)), within replay_mb
-        self.tape: list[tuple[list[tuple], dict[str, tuple]]] = []
-        self.tape_limit, self.tape_bytes, self.recorded = replay_mb * 2**20, 0, replay_mb > 0
-        self.tape_storages: set[int] = set()
+        self.tape = _Tape(replay_mb * 2**20)  # half A's (x, d) for the replay of pass 3
         self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
         self.first: dict[str, torch.Tensor] = {}  # first batch's inputs, alive until compared
 
@@ -1045,33 +1043,17 @@ class _Streaming:
         _feed(tap, ctx["half"], ctx["parts"], x3, d3, ctx["accumulate"], ctx["project"])
         if ctx["accumulate"]:
             self._read_inputs(tap, x3, ctx["mask"])
-        if ctx["record"] and self.recorded:
-            self._record(name, x3, d3)
-
-    def _record(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
-        """Keep one layer's (x, d) of this batch for the replay, counting each storage once
-        (q, k and v read one input tensor); past the limit, drop the tape and stop recording
-        (pass 3 then runs as a pass)."""
-        for t in (x3, d3):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.tape_storages:
-                self.tape_storages.add(ptr)
-                self.tape_bytes += t.untyped_storage().nbytes()
-        if self.tape_bytes > self.tape_limit:
-            self.tape, self.recorded = [], False
-            self.tape_storages.clear()
-            return
-        self.tape[-1][1][name] = (x3, d3)
+        if ctx["record"]:
+            self.tape.keep(name, x3, d3)
 
     def replay(self, half: int, bar: Any) -> None:
         """Pass 3 without a forward+backward: project the batches recorded in pass 1, in
         their order (the sums come out as the live pass's), then free them."""
-        for parts, tensors in self.tape:
+        for parts, tensors in self.tape.batches:
             for name, (x3, d3) in tensors.items():
                 _feed(self.by_name[name], half, parts, x3, d3, accumulate=False, project=True)
             bar()
-        self.tape = []
-        self.tape_storages.clear()
+        self.tape.clear()
 
     def _read_inputs(self, tap: _Tap, x3: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the layer's real-token inputs to its Gram matrix, once per distinct input tensor
@@ -1120,8 +1102,8 @@ class _Streaming:
                 "parts": parts,
                 "mask": batch["attention_mask"],
             }
-            if record and self.recorded:
-                self.tape.append((parts, {}))
+            if record:
+                self.tape.start_batch(parts)
             with self.hooks.reading(len(idx)):
                 loss = summed_loss(self.model, batch)
                 if not loss.requires_grad:
@@ -1131,6 +1113,43 @@ class _Streaming:
             if accumulate and not self.owner:
                 self._share_inputs()
             bar()
+
+
+class _Tape:
+    """Half A's layer inputs and output gradients, batch by batch, for the replay of pass 3:
+    the hooks' own tensors, kept alive. Memory is counted per storage, so an input that q, k
+    and v all read counts once. Past `limit_bytes` the tape is dropped and stays off."""
+
+    def __init__(self, limit_bytes: float):
+        self.limit, self.bytes = limit_bytes, 0
+        self.on, self.dropped = limit_bytes > 0, False
+        self.batches: list[tuple[list[tuple], dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+        self.storages: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return self.on and bool(self.batches)
+
+    def start_batch(self, parts: list[tuple]) -> None:
+        if self.on:
+            self.batches.append((parts, {}))
+
+    def keep(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
+        if not self.on:
+            return
+        for t in (x3, d3):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.storages:  # kept tensors' addresses stay theirs
+                self.storages.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        if self.bytes > self.limit:
+            self.clear()
+            self.on, self.dropped = False, True
+            return
+        self.batches[-1][1][name] = (x3, d3)
+
+    def clear(self) -> None:
+        self.batches, self.storages, self.bytes = [], set(), 0
 
 
 def _feed(tap: _Tap, half: int, parts: list[tuple], x3: torch.Tensor, d3: torch.Tensor,
