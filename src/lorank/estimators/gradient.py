@@ -345,8 +345,7 @@ def gradient_spectrum(
       (exact layers keep the d_in x d_in matrix); input energy ranks above it are floors.
     sketch_check: also accumulate an independent replica of every sketch and report the
       principal angles between the two (`LayerSpectrum.sketch_check`). Off by default: it
-      costs one more sketch per sketched layer per token (MiniLM-L6, 256 examples: 2.8x one
-      forward+backward without it, 4.4x with it; benchmarks/gradient_cost.py).
+      costs one more sketch per sketched layer per token, about as much as the main one.
     replay_mb: keep half A's layer inputs and output gradients from pass 1 while they take at
       most this many MiB (float32, padded tokens, on the model's device) and run pass 3 on
       them instead of a third forward+backward (identical results); past it, or at 0, pass 3
