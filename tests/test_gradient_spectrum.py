@@ -42,6 +42,7 @@ from lorank.estimators.gradient import (
     GradientSpectrum,
     _plan,
     _Tap,
+    _Tape,
     fit_growth,
     gradient_spectrum,
     principal_angles_deg,
@@ -438,23 +439,42 @@ def test_replayed_pass_3_gives_the_numbers_of_a_live_one():
     """Pass 3 replays half A's recorded (x, d) when they fit in replay_mb instead of running a
     third forward+backward: the same tensors in the same order, so every projection, statistic
     and rank is the live pass's to the bit (mixed-chunk batches included: batch size 7). A tape
-    that outgrows replay_mb mid-pass is dropped and pass 3 runs live, with the same numbers."""
+    that will not fit replay_mb is dropped during pass 1 and pass 3 runs live: same numbers."""
     student, examples, _ = planted(4)
     kwargs = dict(pad_token_id=0, max_rank=8, seed=3, batch_size=7, progress=False)
     targets = ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
-    plan = _plan(examples[:120], (0.25, 0.5, 1.0), seed=3, batch_size=7, max_groups=256)
-    modules = dict(student.named_modules())
-    d_out = sum(modules[t].out_features for t in targets)
-    tight = 1.01 * 4 * plan.tokens(examples[:120], half=0) * d_out / 2**20  # d fits, x + d not
+    # half A holds ~2.6 MiB here, its first batch 0.25: at 0.2 MiB the first batch overflows,
+    # at 1 MiB it fits and the second batch's projection to the whole half drops the tape
+    budgets = (0, 0.2, 1.0, 64)
     runs = {mb: gradient_spectrum(student, examples[:120], targets, replay_mb=mb, **kwargs)
-            for mb in (0, tight, 64)}
-    assert [runs[mb].settings["pass_3"] for mb in (0, tight, 64)] == [
-        "forward+backward", "forward+backward (the tape outgrew replay_mb)", "replayed"]
-    for mb in (tight, 64):
+            for mb in budgets}
+    dropped = "forward+backward (half A's inputs and gradients exceed replay_mb)"
+    assert [runs[mb].settings["pass_3"] for mb in budgets] == [
+        "forward+backward", dropped, dropped, "replayed"]
+    for mb in budgets[1:]:
         for a, b in zip(runs[0].layers, runs[mb].layers, strict=True):
             assert a.strength_ba == b.strength_ba and a.t_ba == b.t_ba  # B -> A: pass 3's
             assert a.ranks == b.ranks and a.replication_ba == b.replication_ba
     assert runs[64].layers[0].replication_ba[-1] >= 3  # the planted signal is there to see
+
+
+def test_tape_drops_after_one_batch_when_the_half_would_not_fit():
+    """The tape scales its first batches to the whole half: a model whose half A would pass
+    the limit holds one batch in vain, not the limit's worth; one that fits keeps everything,
+    an input shared by several layers counted once."""
+    x, d = torch.zeros(2, 5, 10), torch.zeros(2, 5, 10)  # 400 bytes each
+    tape = _Tape(limit_bytes=2000, total_tokens=100)
+    tape.start_batch([], tokens=10)
+    tape.keep("q", x, d)
+    tape.keep("k", x, torch.zeros(2, 5, 10))  # x again: counted once
+    assert tape.bytes == 1200 and tape.on  # under the limit so far
+    tape.start_batch([], tokens=10)  # 1200 bytes per 10 tokens -> 12,000 for the half
+    assert tape.dropped and not tape.on and tape.batches == [] and tape.bytes == 0
+    fits = _Tape(limit_bytes=2000, total_tokens=20)
+    for _ in range(2):
+        fits.start_batch([], tokens=10)
+        fits.keep("q", torch.zeros(2, 5, 10), torch.zeros(2, 5, 10))
+    assert fits.complete and fits.bytes == 1600 and len(fits.batches) == 2
 
 
 def test_plan_pads_no_more_than_one_length_sorted_pass():

@@ -378,9 +378,7 @@ def gradient_spectrum(
         for i, (name, module) in enumerate(taps_spec)
     ]
     timings: dict[str, float] = {}
-    # no tape when half A's output gradients alone would not fit (large models)
-    gradients_mb = 4 * plan.tokens(examples, half=0) * sum(t.d_out for t in taps) / 2**20
-    with (_Streaming(model, taps, replay_mb if gradients_mb <= replay_mb else 0.0) as stream,
+    with (_Streaming(model, taps, replay_mb, plan.tokens(examples, half=0)) as stream,
           ticker("gradient spectrum", plan.n_batches(), progress) as bar):
         t0 = time.perf_counter()
         stream.run(examples, plan, half=0, accumulate=True, project=False, record=True,
@@ -436,7 +434,7 @@ def gradient_spectrum(
             "groups_per_half": plan.n_groups,
             "replay_mb": replay_mb,
             "pass_3": "replayed" if replay else "forward+backward" + (
-                " (the tape outgrew replay_mb)" if dropped else ""),
+                " (half A's inputs and gradients exceed replay_mb)" if dropped else ""),
             "timings": timings,
         },
         notes=notes,
@@ -1021,12 +1019,13 @@ class _Streaming:
     """Runs passes over the plan with output-gradient hooks on the target layers
     (`lorank.hooks`: all parameters frozen, no full-weight .grad ever stored)."""
 
-    def __init__(self, model: nn.Module, taps: list[_Tap], replay_mb: float = 0.0):
+    def __init__(self, model: nn.Module, taps: list[_Tap], replay_mb: float = 0.0,
+                 tape_tokens: int = 0):
         self.model = model
         self.by_name = {tap.name: tap for tap in taps}
         self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
         self.ctx: dict[str, Any] = {}
-        self.tape = _Tape(replay_mb * 2**20)  # half A's (x, d) for the replay of pass 3
+        self.tape = _Tape(replay_mb * 2**20, tape_tokens)  # half A's (x, d), for pass 3
         self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
         self.first: dict[str, torch.Tensor] = {}  # first batch's inputs, alive until compared
 
@@ -1102,7 +1101,7 @@ class _Streaming:
                 "mask": batch["attention_mask"],
             }
             if record:
-                self.tape.start_batch(parts)
+                self.tape.start_batch(parts, batch["input_ids"].numel())
             with self.hooks.reading(len(idx)):
                 loss = summed_loss(self.model, batch)
                 if not loss.requires_grad:
@@ -1117,10 +1116,12 @@ class _Streaming:
 class _Tape:
     """Half A's layer inputs and output gradients, batch by batch, for the replay of pass 3:
     the hooks' own tensors, kept alive. Memory is counted per storage, so an input that q, k
-    and v all read counts once. Past `limit_bytes` the tape is dropped and stays off."""
+    and v all read counts once. Dropped for good as soon as the batches kept so far, scaled
+    to the half's `total_tokens`, would pass `limit_bytes` (after the first batch on a model
+    too large for it, so at most one batch is held in vain), or the bytes themselves do."""
 
-    def __init__(self, limit_bytes: float):
-        self.limit, self.bytes = limit_bytes, 0
+    def __init__(self, limit_bytes: float, total_tokens: int):
+        self.limit, self.total, self.bytes, self.tokens = limit_bytes, total_tokens, 0, 0
         self.on, self.dropped = limit_bytes > 0, False
         self.batches: list[tuple[list[tuple], dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self.storages: set[int] = set()
@@ -1129,9 +1130,12 @@ class _Tape:
     def complete(self) -> bool:
         return self.on and bool(self.batches)
 
-    def start_batch(self, parts: list[tuple]) -> None:
+    def start_batch(self, parts: list[tuple], tokens: int) -> None:
+        if self.on and self.tokens and self.bytes * self.total / self.tokens > self.limit:
+            self._drop()
         if self.on:
             self.batches.append((parts, {}))
+            self.tokens += tokens
 
     def keep(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
         if not self.on:
@@ -1142,13 +1146,16 @@ class _Tape:
                 self.storages.add(storage.data_ptr())
                 self.bytes += storage.nbytes()
         if self.bytes > self.limit:
-            self.clear()
-            self.on, self.dropped = False, True
+            self._drop()
             return
         self.batches[-1][1][name] = (x3, d3)
 
+    def _drop(self) -> None:
+        self.clear()
+        self.on, self.dropped = False, True
+
     def clear(self) -> None:
-        self.batches, self.storages, self.bytes = [], set(), 0
+        self.batches, self.storages, self.bytes, self.tokens = [], set(), 0, 0
 
 
 def _feed(tap: _Tap, half: int, parts: list[tuple], x3: torch.Tensor, d3: torch.Tensor,
