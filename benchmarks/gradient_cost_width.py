@@ -54,8 +54,10 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
     base = one_pass_seconds(model, examples, 0, 8)
     start = time.perf_counter()
+    # replay off: one layer stands for a model whose half-A tape would be n_layers times
+    # larger (Llama-3.2-1B: 16 x 1.2 GB at these tokens), which never fits replay_mb
     spectrum = gradient_spectrum(model, examples, targets, pad_token_id=0, max_rank=max_rank,
-                                 batch_size=8, progress=False)
+                                 batch_size=8, replay_mb=0, progress=False)
     seconds = time.perf_counter() - start
     timings = spectrum.settings["timings"]
     methods = [layer.method for layer in spectrum.layers]
