@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from lorank.api import versions
 from lorank.estimators.gradient import gradient_spectrum
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gradient_cost import one_pass_seconds  # noqa: E402
+from gradient_cost import one_pass_seconds, peak_rss_mib  # noqa: E402
 
 # hidden, intermediate, attention heads, key-value heads (head dim 64 or 128, as released)
 SHAPES = {
@@ -69,7 +68,7 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
         "ratio": round(seconds / base, 3),
         "ratio_without_decompositions": round((seconds - timings["decompositions"]) / base, 3),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": round(peak_rss_mib()),
     }
 
 

@@ -636,17 +636,10 @@ class _Tap:
         if half in self.cumulated:
             return
         self.cumulated.add(half)
-        zero = (torch.zeros(self.d_out, self.d_in, device=self.proj[0].device) if self.exact
-                else (torch.zeros(self.d_out, self.k + self.h, device=self.proj[0].device),
-                      torch.zeros(self.l, self.d_in, device=self.proj[0].device)))
-        prev = None
-        for c in range(self.n_frac):
-            a = self.acc.get((half, c))
-            if a is None:  # an empty chunk (fractions closer than one example)
-                a = zero if prev is None else prev
-            elif prev is not None:
-                a = a.add_(prev) if self.exact else (a[0].add_(prev[0]), a[1].add_(prev[1]))
-            self.acc[(half, c)] = prev = a
+        for c in range(1, self.n_frac):  # `_plan` gives every chunk examples
+            a, prev = self.acc[(half, c)], self.acc[(half, c - 1)]
+            self.acc[(half, c)] = (a.add_(prev) if self.exact
+                                   else (a[0].add_(prev[0]), a[1].add_(prev[1])))
 
     def _summary(self, half: int | None, chunks: int, sign: float = 1.0) -> Any:
         """G (exact) or (Y, W) (sketch) of the first `chunks` chunks; half None = A + sign * B.
