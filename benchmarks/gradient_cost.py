@@ -8,13 +8,20 @@ other core moves both, but not always equally (a one-pass timing under load ran 
 one), so the recorded runs ran one at a time on an idle machine, OMP_NUM_THREADS=1.
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64.
+
+Three baselines, since "one forward+backward pass" depends on what the backward computes
+(`one_pass_seconds`): frozen weights (the headline `ratio`, the strictest), the target layers'
+full-weight gradients (the quantity the analysis reads), and a rank-16 LoRA step's backward.
+The last two run afterwards, each in a fresh process (`--backward`; `--frozen-only` skips them).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,35 +45,69 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_pass_seconds(model, examples, pad_token_id, batch_size) -> float:
-    """One forward + backward pass over the calibration set (summed loss, weights frozen),
-    batched in length order: the analysis sorts each chunk by length to cut padding, so an
-    unsorted baseline would be slower than need be and flatter the ratio."""
+BASELINES = ("frozen", "target_grads", "lora16")
+
+
+def one_pass_seconds(model, examples, pad_token_id, batch_size, grads: str = "frozen",
+                     targets: list[str] | None = None) -> float:
+    """One forward + backward pass over the calibration set (summed loss), batched in length
+    order: the analysis sorts each chunk by length to cut padding, so an unsorted baseline
+    would be slower than need be and flatter the ratio. What the backward computes:
+
+    - frozen: input gradients only (one linear layer's weight requires grad so that there is
+      something to differentiate): the cheapest backward there is, the headline ratio's base;
+    - target_grads: also every target layer's full-weight gradient sum_t d_t x_t^T, the very
+      quantity the gradient spectrum reads (a full fine-tuning step's backward, no optimizer);
+    - lora16: a LoRA step's backward, rank 16 on every target (peft, on a copy of the model).
+    """
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    if grads == "lora16":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=16,
+                                                                target_modules=targets))
     for p in model.parameters():
         p.requires_grad_(False)
-    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-    first.weight.requires_grad_(True)  # something to differentiate, like a LoRA step would
+    if grads == "frozen":
+        chosen = [next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).weight]
+    elif grads == "target_grads":
+        chosen = [model.get_submodule(name).weight for name in targets]
+    else:
+        chosen = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in chosen:
+        p.requires_grad_(True)
     start = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_token_id)
         model(**batch).loss.backward()
-    first.weight.grad = None
-    first.weight.requires_grad_(False)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    for p in chosen:
+        p.grad = None
+        p.requires_grad_(False)
+    return seconds
 
 
 def measure(name: str, model_source: str, data: str, val: str | None, calib: int,
-            max_length: int, batch_size: int = 8, replay_mb: float = REPLAY_MB) -> dict:
+            max_length: int, batch_size: int = 8, replay_mb: float = REPLAY_MB,
+            backward: str | None = None) -> dict:
+    """The analysis against the frozen baseline, both in this process; with `backward`, only
+    that baseline (the other baselines run in processes of their own, so that a LoRA copy of
+    the model or 60 weight gradients do not change the heap the analysis runs in: on this VM
+    a larger resident set slows matmuls, SmolLM2 at 64 examples by 15%)."""
     loaded, prepared = prepare_inputs(model_source, data, val_data=val, max_length=max_length)
     targets = resolve_targets(loaded.model)
     sample = prepared.train[:calib]
     if prepared.task == "classification":
         fit_head_on_frozen_features(loaded.model, sample, pad_token_id=loaded.pad_token_id)
     rss_loaded = peak_rss_mib()
-    base = one_pass_seconds(loaded.model, sample, loaded.pad_token_id, batch_size)
+    names = [t.name for t in targets.layers]
+    one_pass_seconds(loaded.model, sample[:2 * batch_size], loaded.pad_token_id, batch_size)
+    base = one_pass_seconds(loaded.model, sample, loaded.pad_token_id, batch_size,
+                            backward or "frozen", names)  # after the warm-up above
+    if backward is not None:
+        return {"backward": backward, "one_forward_backward_s": base}
     start = time.perf_counter()
-    spectrum = gradient_spectrum(loaded.model, sample, [t.name for t in targets.layers],
+    spectrum = gradient_spectrum(loaded.model, sample, names,
                                  pad_token_id=loaded.pad_token_id, max_rank=64,
                                  batch_size=batch_size, replay_mb=replay_mb, progress=False)
     seconds = time.perf_counter() - start
@@ -80,22 +121,44 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "timings_s": {k: round(v, 2) for k, v in spectrum.settings["timings"].items()}}
 
 
+def other_baselines(argv: list[str], row: dict) -> None:
+    """Time the target-gradient and LoRA backward, each in a fresh process, one after the
+    other, and add the analysis's ratio to each (the frozen one is `row`'s own)."""
+    row["one_forward_backward_s_by_backward"] = {"frozen": row["one_forward_backward_s"]}
+    for backward in BASELINES[1:]:
+        out = subprocess.run([sys.executable, __file__, *argv, "--backward", backward],
+                             check=True, capture_output=True, text=True).stdout
+        row["one_forward_backward_s_by_backward"][backward] = round(
+            json.loads(out)["one_forward_backward_s"], 2)
+    row["ratio_by_backward"] = {g: round(row["gradient_spectrum_s"] / b, 2)
+                                for g, b in row["one_forward_backward_s_by_backward"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("smollm2-135m", "minilm-l6"), required=True)
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--replay-mb", type=float, default=REPLAY_MB,
                         help="as in `lorank analyze` (0: pass 3 always runs as a pass)")
+    parser.add_argument("--backward", choices=BASELINES,
+                        help="time only this baseline pass (see one_pass_seconds)")
+    parser.add_argument("--frozen-only", action="store_true",
+                        help="skip the target-gradient and LoRA baselines")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if args.model == "smollm2-135m":
         demo = build_demo_data(tmp / "demo.jsonl", n=400)
         row = measure(args.model, args.model, str(demo), None, args.calib, 192,
-                      replay_mb=args.replay_mb)
+                      replay_mb=args.replay_mb, backward=args.backward)
     else:
         task = build_task("wordnet-lexname", tmp / "lexname")
         row = measure(args.model, args.model, str(task["train"]), str(task["val"]),
-                      args.calib, 64, replay_mb=args.replay_mb)
+                      args.calib, 64, replay_mb=args.replay_mb, backward=args.backward)
+    if args.backward is not None:
+        json.dump(row, sys.stdout)
+        return
+    if not args.frozen_only:
+        other_baselines(["--model", args.model, "--calib", str(args.calib)], row)
     json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
                "versions": versions()}, sys.stdout, indent=1)
 

@@ -508,6 +508,7 @@ def test_plan_pads_no_more_than_one_length_sorted_pass():
         (dict(max_rank=0), "max_rank must be >= 1"),
         (dict(n_examples=15), "too few examples: need >= 2 per half at the smallest fraction"),
         (dict(fractions=(0.5, 0.25, 1.0)), "fractions must increase"),
+        (dict(fractions=(0.5, 0.51, 1.0)), "are closer than one example apart on 20 examples"),
         (dict(rule="median"), "unknown rule 'median'"),
     ],
 )

@@ -518,6 +518,11 @@ def _plan(
             f"too few examples: need >= 2 per half at the smallest fraction {fr[0]} "
             f"(got {n} examples, need >= {need})"
         )
+    if any(b <= a for a, b in zip(chunk_ends, chunk_ends[1:], strict=False)):
+        raise ValueError(
+            f"fractions {tuple(fractions)} are closer than one example apart on {n_half} "
+            f"examples per half (they cut it at {chunk_ends}): space them further or add examples"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     lengths = np.array([len(e["input_ids"]) for e in examples])
     group_size = math.ceil(n_half / max_groups)
