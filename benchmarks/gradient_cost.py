@@ -121,12 +121,13 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "timings_s": {k: round(v, 2) for k, v in spectrum.settings["timings"].items()}}
 
 
-def other_baselines(argv: list[str], row: dict) -> None:
-    """Time the target-gradient and LoRA backward, each in a fresh process, one after the
-    other, and add the analysis's ratio to each (the frozen one is `row`'s own)."""
+def other_baselines(script: str, argv: list[str], row: dict) -> None:
+    """Time the target-gradient and LoRA backward, each in a fresh process of `script` (which
+    prints {"one_forward_backward_s": ...} when given `--backward`), one after the other, and
+    add the analysis's ratio to each (the frozen one is `row`'s own)."""
     row["one_forward_backward_s_by_backward"] = {"frozen": row["one_forward_backward_s"]}
     for backward in BASELINES[1:]:
-        out = subprocess.run([sys.executable, __file__, *argv, "--backward", backward],
+        out = subprocess.run([sys.executable, script, *argv, "--backward", backward],
                              check=True, capture_output=True, text=True).stdout
         row["one_forward_backward_s_by_backward"][backward] = round(
             json.loads(out)["one_forward_backward_s"], 2)
@@ -158,7 +159,7 @@ def main() -> None:
         json.dump(row, sys.stdout)
         return
     if not args.frozen_only:
-        other_baselines(["--model", args.model, "--calib", str(args.calib)], row)
+        other_baselines(__file__, ["--model", args.model, "--calib", str(args.calib)], row)
     json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
                "versions": versions()}, sys.stdout, indent=1)
 

@@ -6,7 +6,8 @@ same shape, so the ratio measured on one such layer (random weights, random toke
 does not depend on their values) at a given token count is that model's ratio, the
 embeddings and LM head aside (they add to the forward+backward only, so leaving them out
 makes the ratio larger, not smaller). Two calibration sizes separate the fixed part
-(decompositions, timed directly) from the per-token part.
+(decompositions, timed directly) from the per-token part. The target-gradient and LoRA-16
+baselines of `gradient_cost.py` run after the analysis, each in a fresh process of this script.
 
 Usage (one process per row, idle machine, 1 torch thread):
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradient_cost_width.py --shape llama3-8b --examples 16 > benchmarks/results/gradient_cost_width_llama3-8b_16.json
@@ -27,7 +28,12 @@ from lorank.api import versions
 from lorank.estimators.gradient import gradient_spectrum
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gradient_cost import one_pass_seconds, peak_rss_mib  # noqa: E402
+from gradient_cost import (  # noqa: E402
+    BASELINES,
+    one_pass_seconds,
+    other_baselines,
+    peak_rss_mib,
+)
 
 # hidden, intermediate, attention heads, key-value heads (head dim 64 or 128, as released)
 SHAPES = {
@@ -37,7 +43,9 @@ SHAPES = {
 }
 
 
-def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int = 0) -> dict:
+def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int = 0,
+            backward: str | None = None) -> dict:
+    """The analysis against the frozen baseline; with `backward`, only that baseline."""
     hidden, inter, heads, kv = SHAPES[shape]
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=inter,
@@ -51,7 +59,9 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
         examples.append({"input_ids": ids, "labels": list(ids)})
     targets = [name for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
-    base = one_pass_seconds(model, examples, 0, 8)
+    base = one_pass_seconds(model, examples, 0, 8, backward or "frozen", targets)
+    if backward is not None:
+        return {"backward": backward, "one_forward_backward_s": base}
     start = time.perf_counter()
     # replay off: one layer stands for a model whose half-A tape would be n_layers times
     # larger (Llama-3.2-1B: 16 x 1.2 GB at these tokens), which never fits replay_mb
@@ -78,8 +88,19 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--max-rank", type=int, default=64)
+    parser.add_argument("--backward", choices=BASELINES,
+                        help="time only this baseline pass (see gradient_cost.one_pass_seconds)")
+    parser.add_argument("--frozen-only", action="store_true",
+                        help="skip the target-gradient and LoRA baselines")
     args = parser.parse_args()
-    row = measure(args.shape, args.examples, args.length, args.max_rank)
+    row = measure(args.shape, args.examples, args.length, args.max_rank, backward=args.backward)
+    if args.backward is not None:
+        json.dump(row, sys.stdout)
+        return
+    if not args.frozen_only:
+        other_baselines(__file__, ["--shape", args.shape, "--examples", str(args.examples),
+                                   "--length", str(args.length), "--max-rank",
+                                   str(args.max_rank)], row)
     json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
                "versions": versions()}, sys.stdout, indent=1)
 
