@@ -48,7 +48,7 @@ def peak_rss_mib() -> float:
 BASELINES = ("frozen", "target_grads", "lora16")
 
 
-def one_pass_seconds(model, examples, pad_token_id, batch_size, grads: str = "frozen",
+def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = "frozen",
                      targets: list[str] | None = None) -> float:
     """One forward + backward pass over the calibration set (summed loss), batched in length
     order: the analysis sorts each chunk by length to cut padding, so an unsorted baseline
@@ -57,20 +57,20 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, grads: str = "fr
     - frozen: input gradients only (one linear layer's weight requires grad so that there is
       something to differentiate): the cheapest backward there is, the headline ratio's base;
     - target_grads: also every target layer's full-weight gradient sum_t d_t x_t^T, the very
-      quantity the gradient spectrum reads (a full fine-tuning step's backward, no optimizer);
+      quantity the gradient spectrum reads (the bulk of a full fine-tuning step's backward);
     - lora16: a LoRA step's backward, rank 16 on every target (peft, on a copy of the model).
     """
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
-    if grads == "lora16":
+    if backward == "lora16":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=16,
                                                                 target_modules=targets))
     for p in model.parameters():
         p.requires_grad_(False)
-    if grads == "frozen":
+    if backward == "frozen":
         chosen = [next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).weight]
-    elif grads == "target_grads":
+    elif backward == "target_grads":
         chosen = [model.get_submodule(name).weight for name in targets]
     else:
         chosen = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -92,7 +92,7 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             backward: str | None = None) -> dict:
     """The analysis against the frozen baseline, both in this process; with `backward`, only
     that baseline (the other baselines run in processes of their own, so that a LoRA copy of
-    the model or 60 weight gradients do not change the heap the analysis runs in: on this VM
+    the model or the targets' weight gradients do not change the heap the analysis runs in: on this VM
     a larger resident set slows matmuls, SmolLM2 at 64 examples by 15%)."""
     loaded, prepared = prepare_inputs(model_source, data, val_data=val, max_length=max_length)
     targets = resolve_targets(loaded.model)
