@@ -606,6 +606,65 @@ def test_fit_head_on_frozen_features_trains_only_the_head(family: str):
     assert [layer.name for layer in gs.layers] == targets
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fit_head_does_not_depend_on_how_the_body_pass_is_batched(family: str):
+    """The body's pass takes the examples in length order; every example's features must stay
+    paired with its own label and not depend on the padding of its batch, so one example per
+    batch, 16 per batch, and the examples given in reverse fit the same head."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaForSequenceClassification,
+    )
+
+    from lorank.estimators.gradient import fit_head_on_frozen_features
+
+    def model_and_head():
+        torch.manual_seed(0)
+        if family == "bert":
+            config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64, num_labels=3)
+            return BertForSequenceClassification(config), "classifier", 0
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             num_labels=3, pad_token_id=0)
+        return LlamaForSequenceClassification(config), "score", -1
+
+    heads, losses = [], []
+    for batch_size, reverse in ((1, False), (16, False), (16, True)):
+        model, head, position = model_and_head()
+        examples = _classification_examples(60, 3, position, seed=2)
+        report = fit_head_on_frozen_features(model, examples[::-1] if reverse else examples,
+                                             pad_token_id=0, steps=60, lr=3e-2,
+                                             batch_size=batch_size)
+        heads.append(getattr(model, head).weight.detach().clone())
+        losses.append((report["loss_before"], report["loss_after"]))
+    assert losses[0][1] < losses[0][0] - 0.1, losses
+    for other, loss in zip(heads[1:], losses[1:], strict=True):
+        torch.testing.assert_close(other, heads[0], rtol=1e-4, atol=1e-5)
+        assert loss == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_analysis_gives_the_caller_its_classification_head_back(tiny_bert_dir, cls_data):
+    """`run_gradient` fits the head in place (no copy of the whole model) and restores it: the
+    caller's model leaves the analysis exactly as it came, while the analysis did read a fitted
+    head (its note reports the loss falling)."""
+    from lorank.api import prepare_inputs, run_gradient
+    from lorank.targets import resolve_targets
+
+    loaded, prepared = prepare_inputs(str(tiny_bert_dir), cls_data, max_length=32)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    flags = [p.requires_grad for p in loaded.model.parameters()]
+    evidence = run_gradient(loaded, prepared, resolve_targets(loaded.model), calib=24,
+                            max_rank=2, progress=False)
+    note = next(n for n in evidence.notes if n.startswith("head 'classifier' fitted"))
+    loss_before, loss_after = (float(x) for x in note.split("(loss ")[1].rstrip(")").split(" -> "))
+    assert loss_after < loss_before, note
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in loaded.model.parameters()] == flags
+
+
 def test_fit_head_rejects_language_modelling_examples():
     from lorank.estimators.gradient import fit_head_on_frozen_features
 

@@ -164,16 +164,36 @@ def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedDat
 ESTIMATORS = ("capacity", "gradient", "probe")
 
 
+@contextmanager
+def _head_restored(model: torch.nn.Module, classification: bool) -> Iterator[None]:
+    """Give the caller back the classification head it passed in, however the block ends.
+
+    The analysis fits the head in place (`fit_head_on_frozen_features`); only the head's
+    parameters are kept aside, not a copy of the whole model, which on an 8B model would
+    double the memory the analysis needs."""
+    if not classification:
+        yield
+        return
+    from lorank.estimators.gradient import find_classification_head
+
+    head = find_classification_head(model)[1]
+    kept = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    try:
+        yield
+    finally:
+        head.load_state_dict(kept)
+
+
 def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
                  calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
                  seed: int = 0, progress: bool = True, out: Path | None = None,
                  sketch_check: bool = False, replay_mb: float | None = None) -> Evidence:
     """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
 
-    A classification model first gets its new head fitted on frozen features (on a copy, so
-    the caller's model is untouched): gradients through a random head are mostly noise.
+    A classification model first gets its new head fitted on frozen features (in place, and
+    given back as it was when the analysis ends): gradients through a random head are mostly
+    noise.
     """
-    import copy
     import random
 
     from lorank.estimators.gradient import (
@@ -200,23 +220,23 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     start = time.perf_counter()
     model = loaded.model
     head_note = None
-    if prepared.task == "classification":
-        model = copy.deepcopy(model)
-        fit = fit_head_on_frozen_features(model, sample, pad_token_id=loaded.pad_token_id,
-                                          batch_size=batch_size, seed=seed)
-        head_note = (f"head '{fit.get('head')}' fitted on frozen features first "
-                     f"(loss {fit.get('loss_before', float('nan')):.3f} -> "
-                     f"{fit.get('loss_after', float('nan')):.3f})")
     fractions = (0.25, 0.5, 1.0) if len(sample) >= 16 else (0.5, 1.0) if len(sample) >= 8 \
         else (1.0,)
-    try:
-        spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
-                                     pad_token_id=loaded.pad_token_id, max_rank=max_rank,
-                                     batch_size=batch_size, seed=seed, fractions=fractions,
-                                     n_train=len(prepared.train), sketch_check=sketch_check,
-                                     replay_mb=replay_mb, progress=progress)
-    except ValueError as err:
-        raise LorankError(str(err)) from None
+    with _head_restored(model, prepared.task == "classification"):
+        if prepared.task == "classification":
+            fit = fit_head_on_frozen_features(model, sample, pad_token_id=loaded.pad_token_id,
+                                              batch_size=batch_size, seed=seed)
+            head_note = (f"head '{fit.get('head')}' fitted on frozen features first "
+                         f"(loss {fit.get('loss_before', float('nan')):.3f} -> "
+                         f"{fit.get('loss_after', float('nan')):.3f})")
+        try:
+            spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
+                                         pad_token_id=loaded.pad_token_id, max_rank=max_rank,
+                                         batch_size=batch_size, seed=seed, fractions=fractions,
+                                         n_train=len(prepared.train), sketch_check=sketch_check,
+                                         replay_mb=replay_mb, progress=progress)
+        except ValueError as err:
+            raise LorankError(str(err)) from None
     evidence = spectrum.to_evidence()
     evidence.name = "gradient"
     if head_note:

@@ -1221,10 +1221,15 @@ def fit_head_on_frozen_features(
     The body runs once: the head's inputs are cached (for per-token heads like `score`, at the
     last attended token, which is where Llama-style models pool with right padding), then the
     head alone is trained with Adam, full batch when the cached features are vectors.
-    Modifies the head in place; returns the loss before and after.
+    The body's pass takes the examples in length order, as the gradient passes do: batches of
+    similar lengths carry little padding (MiniLM, 256 examples: 4,080 padded tokens against
+    6,976 in the given order, 1.3 s against 2.0 s), and each batch caches its own labels, so
+    features and labels stay paired. Modifies the head in place; returns the loss before and
+    after.
     """
     if not examples or not isinstance(examples[0]["labels"], int):
         raise ValueError("fit_head_on_frozen_features needs classification examples (int labels)")
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))  # stable: deterministic
     name, head = find_classification_head(model)
     device = next(model.parameters()).device
     was_training = model.training
