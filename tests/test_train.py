@@ -90,10 +90,13 @@ def test_train_is_deterministic():
 
 
 def test_nan_guard_huge_lr_marks_failure():
+    # The adapter sits on lm_head, whose logits nothing normalizes, so a huge lr must blow the
+    # loss up. With adapters only inside the blocks the RMSNorms bound the logits: at lr 1e6
+    # the model may collapse to uniform predictions (loss ln 64, under the guard's 10x), or
+    # overflow to NaN, depending on the CPU's float paths; that made this test flaky.
     tr, va = causal_examples(48, 0), causal_examples(12, 1)
-    res = train_lora(
-        causal_factory, tr, va, small_config(learning_rate=1e6), pad_token_id=0, progress=False
-    )
+    config = small_config(learning_rate=1e3, target_modules=["lm_head"])
+    res = train_lora(causal_factory, tr, va, config, pad_token_id=0, progress=False)
     assert res.status.startswith("diverged:")
     assert res.steps_done < 12
 
