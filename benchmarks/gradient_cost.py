@@ -9,7 +9,10 @@ one), so the recorded runs ran one at a time on an idle machine, OMP_NUM_THREADS
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64. The analysis timed is the whole of what `lorank analyze` runs on the
 calibration set: on MiniLM (classification) the head fit on frozen features first (timings_s
-"head_fit"; until session 15 it ran untimed before the baseline), then the gradient spectrum.
+"head_fit"; until session 15 it ran untimed before the baseline; since session 16 it is part of
+`gradient_spectrum(fit_head=True)` and reads the features from passes 1-2's own forward, whose
+graphs are held until the head is fitted, when they fit in --replay-mb: "head_fit_features"),
+then the gradient spectrum.
 
 Three baselines, since "one forward+backward pass" depends on what the backward computes
 (`one_pass_seconds`): frozen weights (the headline `ratio`, the strictest), the target layers'
@@ -34,11 +37,7 @@ import torch
 from lorank.api import prepare_inputs, versions
 from lorank.data import collate
 from lorank.demo import build_demo_data
-from lorank.estimators.gradient import (
-    REPLAY_MB,
-    fit_head_on_frozen_features,
-    gradient_spectrum,
-)
+from lorank.estimators.gradient import REPLAY_MB, gradient_spectrum
 from lorank.targets import resolve_targets
 from lorank.tasks import build_task
 
@@ -89,6 +88,19 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = 
     return seconds
 
 
+def forward_seconds(model, examples, pad_token_id, batch_size) -> float:
+    """One forward over the calibration set without gradients, batched in length order: what
+    the head fit on frozen features costs beside its (small) Adam steps on the cached
+    features, for a model where that fit is not measured directly."""
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_token_id)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return time.perf_counter() - start
+
+
 def measure(name: str, model_source: str, data: str, val: str | None, calib: int,
             max_length: int, batch_size: int = 8, replay_mb: float = REPLAY_MB,
             backward: str | None = None) -> dict:
@@ -102,22 +114,18 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
     rss_loaded = peak_rss_mib()
     names = [t.name for t in targets.layers]
     one_pass_seconds(loaded.model, sample[:2 * batch_size], loaded.pad_token_id, batch_size)
-    # the analysis begins with the head fit on a classification model (as `lorank analyze`
-    # does), after the warm-up above; the baselines then run with the fitted head
-    start = time.perf_counter()
-    if prepared.task == "classification":
-        fit_head_on_frozen_features(loaded.model, sample, pad_token_id=loaded.pad_token_id,
-                                    batch_size=batch_size)
-    head_fit = time.perf_counter() - start
     base = one_pass_seconds(loaded.model, sample, loaded.pad_token_id, batch_size,
                             backward or "frozen", names)
     if backward is not None:
         return {"backward": backward, "one_forward_backward_s": base}
+    # on a classification model the analysis begins with the head fit (as `lorank analyze`
+    # does), inside the timed call: timings_s "head_fit"
     start = time.perf_counter()
     spectrum = gradient_spectrum(loaded.model, sample, names,
                                  pad_token_id=loaded.pad_token_id, max_rank=64,
-                                 batch_size=batch_size, replay_mb=replay_mb, progress=False)
-    seconds = head_fit + time.perf_counter() - start
+                                 batch_size=batch_size, replay_mb=replay_mb,
+                                 fit_head=prepared.task == "classification", progress=False)
+    seconds = time.perf_counter() - start
     methods = [layer.method for layer in spectrum.layers]
     return {"model": name, "calib_examples": len(sample), "targets": len(targets.layers),
             "sketched_layers": methods.count("sketch"), "exact_layers": methods.count("exact"),
@@ -125,8 +133,8 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "ratio": round(seconds / base, 2), "peak_rss_after_load_mib": round(rss_loaded),
             "peak_rss_after_analysis_mib": round(peak_rss_mib()),
             "global_rank": spectrum.global_rank()[0], "pass_3": spectrum.settings["pass_3"],
-            "timings_s": {"head_fit": round(head_fit, 3)} | {
-                k: round(v, 3) for k, v in spectrum.settings["timings"].items()}}
+            "head_fit_features": (spectrum.settings["head_fit"] or {}).get("features"),
+            "timings_s": {k: round(v, 3) for k, v in spectrum.settings["timings"].items()}}
 
 
 def other_baselines(script: str, argv: list[str], row: dict) -> None:

@@ -8,6 +8,9 @@ embeddings and LM head aside (they add to the forward+backward only, so leaving 
 makes the ratio larger, not smaller). Two calibration sizes separate the fixed part
 (decompositions, timed directly) from the per-token part. The target-gradient and LoRA-16
 baselines of `gradient_cost.py` run after the analysis, each in a fresh process of this script.
+`--head-fit` times only a forward without gradients against the frozen pass, in one process:
+what fitting a sequence classifier's new head on frozen features first would add (that fit
+is one such forward plus a few Adam steps of the head on the cached features).
 
 Usage (one process per row, idle machine, 1 torch thread):
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gradient_cost_width.py --shape llama3-8b --examples 16 > benchmarks/results/gradient_cost_width_llama3-8b_16.json
@@ -30,6 +33,7 @@ from lorank.estimators.gradient import gradient_spectrum
 sys.path.insert(0, str(Path(__file__).parent))
 from gradient_cost import (  # noqa: E402
     BASELINES,
+    forward_seconds,
     one_pass_seconds,
     other_baselines,
     peak_rss_mib,
@@ -44,8 +48,9 @@ SHAPES = {
 
 
 def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int = 0,
-            backward: str | None = None) -> dict:
-    """The analysis against the frozen baseline; with `backward`, only that baseline."""
+            backward: str | None = None, head_fit: bool = False) -> dict:
+    """The analysis against the frozen baseline; with `backward`, only that baseline; with
+    `head_fit`, a forward without gradients against the frozen baseline (after a warm-up)."""
     hidden, inter, heads, kv = SHAPES[shape]
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=inter,
@@ -59,6 +64,13 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
         examples.append({"input_ids": ids, "labels": list(ids)})
     targets = [name for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
+    if head_fit:
+        one_pass_seconds(model, examples[:8], 0, 8)  # warm-up
+        forward = forward_seconds(model, examples, 0, 8)
+        base = one_pass_seconds(model, examples, 0, 8)
+        return {"shape": shape, "examples": n_examples, "tokens": n_examples * length,
+                "forward_no_grad_s": round(forward, 2), "one_forward_backward_s": round(base, 2),
+                "head_fit_share": round(forward / base, 3), "peak_rss_mib": round(peak_rss_mib())}
     base = one_pass_seconds(model, examples, 0, 8, backward or "frozen", targets)
     if backward is not None:
         return {"backward": backward, "one_forward_backward_s": base}
@@ -92,8 +104,15 @@ def main() -> None:
                         help="time only this baseline pass (see gradient_cost.one_pass_seconds)")
     parser.add_argument("--frozen-only", action="store_true",
                         help="skip the target-gradient and LoRA baselines")
+    parser.add_argument("--head-fit", action="store_true",
+                        help="time only a forward without gradients against the frozen pass")
     args = parser.parse_args()
-    row = measure(args.shape, args.examples, args.length, args.max_rank, backward=args.backward)
+    row = measure(args.shape, args.examples, args.length, args.max_rank, backward=args.backward,
+                  head_fit=args.head_fit)
+    if args.head_fit:
+        json.dump({"command": " ".join(sys.argv), "row": row, "threads": torch.get_num_threads(),
+                   "versions": versions()}, sys.stdout, indent=1)
+        return
     if args.backward is not None:
         json.dump(row, sys.stdout)
         return

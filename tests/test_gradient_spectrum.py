@@ -710,3 +710,67 @@ def test_replicated_energy_rank_counts_the_directions_that_carry_the_signal():
         assert layer.ranks["replicated_energy95"][-1] <= layer.ranks["replication"][-1]
     head = next(layer for layer in gs.layers if layer.name == "lm_head")
     assert 1 <= head.ranks["replicated_energy95"][-1] <= 4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_head_fit_from_the_held_forward_reads_what_a_separate_fit_does(family: str):
+    """`fit_head=True` fits a vector head (BERT's `classifier`) from passes 1-2's own forward,
+    their graphs held until the head is fitted, and runs only their backwards afterwards: one
+    forward over the calibration set instead of two. It must read what fitting the head first
+    with `fit_head_on_frozen_features` and then measuring does: the same head and the same
+    numbers to float rounding, the same ranks. Held graphs that would pass replay_mb are dropped
+    after the first batch (the rest of the features from forwards without gradients), and a
+    per-token head (Llama's `score`, pooled by the model) never holds them: same results."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaForSequenceClassification,
+    )
+
+    from lorank.estimators.gradient import fit_head_on_frozen_features
+
+    def model_and_head():
+        torch.manual_seed(0)
+        if family == "bert":
+            config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, num_labels=3)
+            return BertForSequenceClassification(config), "classifier", 0
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                             num_labels=3, pad_token_id=0)
+        return LlamaForSequenceClassification(config), "score", -1
+
+    model, head, position = model_and_head()
+    examples = _classification_examples(96, 3, position, seed=1)
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != head][:6]
+    kwargs = dict(pad_token_id=0, max_rank=4, seed=5, batch_size=7, progress=False)
+    first = fit_head_on_frozen_features(model, examples, pad_token_id=0, seed=5)
+    separate = gradient_spectrum(model, examples, targets, **kwargs)
+    separate_head = getattr(model, head).weight.detach().clone()
+    runs, heads = {}, {}
+    for mb in (64, 1e-3):  # holds everything / drops the graphs after the first batch
+        model, _, _ = model_and_head()
+        runs[mb] = gradient_spectrum(model, examples, targets, fit_head=True, replay_mb=mb,
+                                     **kwargs)
+        heads[mb] = getattr(model, head).weight.detach().clone()
+    features = {mb: runs[mb].settings["head_fit"]["features"] for mb in runs}
+    held = "held forward of passes 1-2"
+    assert features == {64: held if family == "bert" else "forward without gradients",
+                        1e-3: "forward without gradients"}
+    for mb, run in runs.items():
+        fit = run.settings["head_fit"]
+        assert fit["head"] == head and fit["n_examples"] == len(examples) // 2 * 2
+        assert fit["loss_after"] < fit["loss_before"] - 0.1
+        assert fit["loss_before"] == pytest.approx(first["loss_before"], rel=1e-5)
+        torch.testing.assert_close(heads[mb], separate_head, rtol=1e-3, atol=1e-4)
+        for a, b in zip(separate.layers, run.layers, strict=True):
+            assert a.replication_ab == b.replication_ab and a.replication_ba == b.replication_ba
+            assert {r: v for r, v in a.ranks.items() if r != "stable"} == \
+                {r: v for r, v in b.ranks.items() if r != "stable"}
+            np.testing.assert_allclose(b.singular_values, a.singular_values, rtol=1e-3)
+            np.testing.assert_allclose(b.strength_ab, a.strength_ab, rtol=1e-3,
+                                       atol=1e-3 * max(abs(x) for x in a.strength_ab))
+            np.testing.assert_allclose(b.strength_ba, a.strength_ba, rtol=1e-3,
+                                       atol=1e-3 * max(abs(x) for x in a.strength_ba))
+    assert max(max(layer.replication_ab) for layer in separate.layers) >= 1  # signal to read

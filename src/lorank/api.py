@@ -168,7 +168,7 @@ ESTIMATORS = ("capacity", "gradient", "probe")
 def _head_restored(model: torch.nn.Module, classification: bool) -> Iterator[None]:
     """Give the caller back the classification head it passed in, however the block ends.
 
-    The analysis fits the head in place (`fit_head_on_frozen_features`); only the head's
+    The analysis fits the head in place (`gradient_spectrum(fit_head=True)`); only the head's
     parameters are kept aside, not a copy of the whole model, which on an 8B model would
     double the memory the analysis needs."""
     if not classification:
@@ -196,11 +196,7 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     """
     import random
 
-    from lorank.estimators.gradient import (
-        REPLAY_MB,
-        fit_head_on_frozen_features,
-        gradient_spectrum,
-    )
+    from lorank.estimators.gradient import REPLAY_MB, gradient_spectrum
     from lorank.report import write_gradient_report
 
     if calib < 4:
@@ -222,21 +218,21 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     head_note = None
     fractions = (0.25, 0.5, 1.0) if len(sample) >= 16 else (0.5, 1.0) if len(sample) >= 8 \
         else (1.0,)
-    with _head_restored(model, prepared.task == "classification"):
-        if prepared.task == "classification":
-            fit = fit_head_on_frozen_features(model, sample, pad_token_id=loaded.pad_token_id,
-                                              batch_size=batch_size, seed=seed)
-            head_note = (f"head '{fit.get('head')}' fitted on frozen features first "
-                         f"(loss {fit.get('loss_before', float('nan')):.3f} -> "
-                         f"{fit.get('loss_after', float('nan')):.3f})")
+    classification = prepared.task == "classification"
+    with _head_restored(model, classification):
         try:
             spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
                                          pad_token_id=loaded.pad_token_id, max_rank=max_rank,
                                          batch_size=batch_size, seed=seed, fractions=fractions,
                                          n_train=len(prepared.train), sketch_check=sketch_check,
-                                         replay_mb=replay_mb, progress=progress)
+                                         replay_mb=replay_mb, fit_head=classification,
+                                         progress=progress)
         except ValueError as err:
             raise LorankError(str(err)) from None
+    fit = spectrum.settings["head_fit"]
+    if fit is not None:
+        head_note = (f"head '{fit['head']}' fitted on frozen features first "
+                     f"(loss {fit['loss_before']:.3f} -> {fit['loss_after']:.3f})")
     evidence = spectrum.to_evidence()
     evidence.name = "gradient"
     if head_note:

@@ -82,7 +82,8 @@ from lorank.report import ticker
 # the other half with a randomized range finder (TOP_NITER power iterations), not a full SVD.
 TOP_OVERSAMPLE, TOP_NITER = 16, 2
 INPUT_ENERGY = (0.9, 0.95)  # input-spectrum energy levels reported per layer
-REPLAY_MB = 2048.0  # default memory for the replay of pass 3 (`gradient_spectrum`)
+REPLAY_MB = 2048.0  # default memory kept to save work (`gradient_spectrum`'s replay_mb)
+HEAD_STEPS, HEAD_LR = 200, 1e-2  # Adam on a classifier's new head, on frozen features
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable",
          "replicated_energy90", "replicated_energy95")
 
@@ -329,6 +330,7 @@ def gradient_spectrum(
     input_sketch_rank: int = 128,
     sketch_check: bool = False,
     replay_mb: float = REPLAY_MB,
+    fit_head: bool = False,
     progress: bool = True,
 ) -> GradientSpectrum:
     """Measure each target layer's gradient spectrum on `examples` (see the module docstring).
@@ -349,7 +351,11 @@ def gradient_spectrum(
     replay_mb: keep half A's layer inputs and output gradients from pass 1 while they take at
       most this many MiB (float32, padded tokens, on the model's device) and run pass 3 on
       them instead of a third forward+backward (identical results); past it, or at 0, pass 3
-      runs as a pass.
+      runs as a pass. With `fit_head`, the same budget holds passes 1-2's forward graphs
+      until the head is fitted (`_Streaming.hold_and_fit_head`); each use stays within it.
+    fit_head: the model is a sequence classifier whose new head is fitted on frozen features
+      of these examples (in place) before any gradient is read: gradients through a random
+      head are mostly noise. The fit's report is `settings["head_fit"]`.
     """
     start = time.perf_counter()
     _check_rule(rule)
@@ -378,16 +384,26 @@ def gradient_spectrum(
         for i, (name, module) in enumerate(taps_spec)
     ]
     timings: dict[str, float] = {}
+    head_fit: dict[str, Any] | None = None
+    held: list[list[_Held | None]] | None = None
+    steps = plan.n_batches() + (len(plan.batches[0]) + len(plan.batches[1])) * fit_head
     with (_Streaming(model, taps, replay_mb, plan.tokens(examples, half=0)) as stream,
-          ticker("gradient spectrum", plan.n_batches(), progress) as bar):
+          ticker("gradient spectrum", steps, progress) as bar):
+        if fit_head:
+            t0 = time.perf_counter()
+            held, head_fit = stream.hold_and_fit_head(examples, plan, pad=pad_token_id,
+                                                      limit_bytes=replay_mb * 2**20,
+                                                      seed=seed, bar=bar)
+            timings["head_fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stream.run(examples, plan, half=0, accumulate=True, project=False, record=True,
-                   pad=pad_token_id, bar=bar)
+                   pad=pad_token_id, bar=bar, held=held[0] if held else None)
         t1 = time.perf_counter()
         for tap in taps:
             tap.set_directions(read_half=1, pairs=tap.top_pairs(half=0))
         decompose = time.perf_counter() - t1
-        stream.run(examples, plan, half=1, accumulate=True, project=True, pad=pad_token_id, bar=bar)
+        stream.run(examples, plan, half=1, accumulate=True, project=True, pad=pad_token_id,
+                   bar=bar, held=held[1] if held else None)
         t1 = time.perf_counter()
         for tap in taps:
             tap.set_directions(read_half=0, pairs=tap.top_pairs(half=1))
@@ -435,6 +451,7 @@ def gradient_spectrum(
             "replay_mb": replay_mb,
             "pass_3": "replayed" if replay else "forward+backward" + (
                 " (half A's inputs and gradients exceed replay_mb)" if dropped else ""),
+            "head_fit": head_fit,
             "timings": timings,
         },
         notes=notes,
@@ -1069,6 +1086,84 @@ class _Streaming:
             tap.shares_input_with = None if self.owner[name] == name else self.owner[name]
         self.first.clear()
 
+    def hold_and_fit_head(
+        self, examples: list[dict], plan: _Plan, *, pad: int, limit_bytes: float, seed: int,
+        bar: Any,
+    ) -> tuple[list[list[_Held | None]] | None, dict[str, Any]]:
+        """Fit a classifier's new head on frozen features of the whole calibration set
+        before any gradient is read, from the forward passes 1 and 2 need anyway: each batch's
+        graph is kept (`_Held`), and passes 1 and 2 then run only the backward, through the
+        fitted head. One forward over the set instead of two (MiniLM-L6, 256 examples: the
+        head fit's own forward was half a frozen forward+backward).
+
+        Kept only while every batch's graph, scaled to the whole set, fits in `limit_bytes`
+        (the autograd's saved tensors and the layer inputs the hooks hold, counted per
+        storage), and only for a head that gives one vector per example (for a per-token head,
+        `score`, the model picks the pooled token itself). Otherwise the graphs are dropped
+        after the first batch (no more than one pass keeps anyway) and the rest of the
+        features come from forwards without gradients, as `fit_head_on_frozen_features`'s:
+        returns None for the held graphs then. The fitted head is the same either way."""
+        name, head = find_classification_head(self.model)
+        device = next(self.model.parameters()).device
+        weights = {t.untyped_storage().data_ptr()
+                   for t in (*self.model.parameters(), *self.model.buffers())}
+        counted: set[int] = set()
+        size = {"bytes": 0, "tokens": 0}
+        total = plan.tokens(examples, 0) + plan.tokens(examples, 1)
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights and storage.data_ptr() not in counted:
+                counted.add(storage.data_ptr())  # kept alive by the graph: never reused
+                size["bytes"] += storage.nbytes()
+            return t
+
+        def count_input(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            count(inputs[0])  # what OutputGradientTaps' hook holds for the backward
+
+        held: list[list[_Held | None]] | None = [[], []]
+        cached: list[dict[str, torch.Tensor]] = []
+        seen: dict[str, Any] = {}
+        handles = [head.register_forward_hook(_head_input_hook(seen))]
+        handles += [tap.module.register_forward_hook(count_input)
+                    for tap in self.by_name.values()]
+        try:
+            for half in (0, 1):
+                for idx, _, _ in plan.batches[half]:
+                    batch = {k: v.to(device)
+                             for k, v in collate([examples[i] for i in idx], pad).items()}
+                    inputs = {"input_ids": batch["input_ids"],
+                              "attention_mask": batch["attention_mask"]}
+                    if held is None:
+                        with torch.no_grad():
+                            self.model(**inputs)
+                    else:
+                        with (self.hooks.reading(len(idx)),
+                              torch.autograd.graph.saved_tensors_hooks(count, lambda t: t)):
+                            self.model(**inputs)
+                        size["tokens"] += batch["input_ids"].numel()
+                    feats = seen["x"]
+                    cached.append(_head_features(seen, batch))
+                    if held is not None:
+                        if (seen["per_token"]
+                                or size["bytes"] * total / size["tokens"] > limit_bytes):
+                            held = None  # the graphs go with it
+                            for h in handles[1:]:
+                                h.remove()
+                            del handles[1:]
+                        else:
+                            held[half].append(_Held(feats, batch["labels"],
+                                                    batch["attention_mask"],
+                                                    batch["input_ids"].numel()))
+                    bar()
+        finally:
+            for h in handles:
+                h.remove()
+        report = train_head(self.model, head, cached, seed=seed)
+        return held, {"head": name, **report,
+                      "features": "held forward of passes 1-2" if held is not None
+                      else "forward without gradients"}
+
     def run(
         self,
         examples: list[dict],
@@ -1080,28 +1175,43 @@ class _Streaming:
         pad: int,
         bar: Any,
         record: bool = False,
+        held: list[_Held | None] | None = None,
     ) -> None:
+        """One pass over a half's batches: forward and backward, or with `held` (the half's
+        batches whose forward ran in `hold_and_fit_head`) only the backward, through the
+        fitted head; each held graph is freed once read."""
         device = next(self.model.parameters()).device
-        for idx, chunks, groups in plan.batches[half]:
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad).items()}
+        for i, (idx, chunks, groups) in enumerate(plan.batches[half]):
             parts = []
             for chunk in np.unique(chunks):  # rows None: the whole batch is one chunk
                 rows = np.nonzero(chunks == chunk)[0]
                 whole = len(rows) == len(chunks)
                 parts.append((int(chunk), None if whole else torch.as_tensor(rows, device=device),
                               torch.as_tensor(groups[rows], device=device)))
+            if held is None:
+                batch = {k: v.to(device)
+                         for k, v in collate([examples[i] for i in idx], pad).items()}
+                mask, tokens = batch["attention_mask"], batch["input_ids"].numel()
+            else:
+                item, held[i] = held[i], None
+                assert item is not None
+                mask, tokens = item.mask, item.tokens
             self.ctx = {
                 "half": half,
                 "accumulate": accumulate,
                 "project": project,
                 "record": record,
                 "parts": parts,
-                "mask": batch["attention_mask"],
+                "mask": mask,
             }
             if record:
-                self.tape.start_batch(parts, batch["input_ids"].numel())
+                self.tape.start_batch(parts, tokens)
             with self.hooks.reading(len(idx)):
-                loss = summed_loss(self.model, batch)
+                if held is None:
+                    loss = summed_loss(self.model, batch)
+                else:
+                    loss = _summed(find_classification_head(self.model)[1](item.feats),
+                                   item.labels)
                 if not loss.requires_grad:
                     raise ValueError("the loss does not depend on any target layer")
                 loss.backward()
@@ -1109,6 +1219,17 @@ class _Streaming:
             if accumulate and not self.owner:
                 self._share_inputs()
             bar()
+
+
+@dataclass
+class _Held:
+    """A batch whose forward ran before the head was fitted, its graph kept for the backward:
+    the head's input (carrying that graph), the labels, the attention mask, token positions."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    tokens: int
 
 
 class _Tape:
@@ -1173,7 +1294,11 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     (classification), so that G = sum_t d_t x_t^T is the gradient of the summed loss and
     per-example contributions add up."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"]
+    return _summed(logits, batch["labels"])
+
+
+def _summed(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`summed_loss` from the logits."""
     if labels.dim() == 2:  # causal LM: position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(
@@ -1209,8 +1334,8 @@ def fit_head_on_frozen_features(
     examples: list[dict],
     *,
     pad_token_id: int,
-    steps: int = 200,
-    lr: float = 1e-2,
+    steps: int = HEAD_STEPS,
+    lr: float = HEAD_LR,
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -1225,7 +1350,7 @@ def fit_head_on_frozen_features(
     similar lengths carry little padding (MiniLM, 256 examples: 4,080 padded tokens against
     6,976 in the given order, 1.3 s against 2.0 s), and each batch caches its own labels, so
     features and labels stay paired. Modifies the head in place; returns the loss before and
-    after.
+    after. (`gradient_spectrum(fit_head=True)` fits the same way from its own passes.)
     """
     if not examples or not isinstance(examples[0]["labels"], int):
         raise ValueError("fit_head_on_frozen_features needs classification examples (int labels)")
@@ -1235,16 +1360,8 @@ def fit_head_on_frozen_features(
     was_training = model.training
     model.eval()
     cached: list[dict[str, torch.Tensor]] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        feats = inputs[0].detach()
-        if output.dim() == 3:  # per-token head: pool where the model pools, the last real token
-            last = current["mask"].sum(1) - 1
-            feats = feats[torch.arange(feats.shape[0], device=feats.device), last]
-        cached.append({"x": feats.float(), "y": current["labels"]})
-
-    handle = head.register_forward_hook(hook)
+    seen: dict[str, Any] = {}
+    handle = head.register_forward_hook(_head_input_hook(seen))
     try:
         with torch.no_grad():
             for b in range(0, len(examples), batch_size):
@@ -1252,16 +1369,46 @@ def fit_head_on_frozen_features(
                     k: v.to(device)
                     for k, v in collate(examples[b : b + batch_size], pad_token_id).items()
                 }
-                current.update(mask=batch["attention_mask"], labels=batch["labels"])
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                cached.append(_head_features(seen, batch))
     finally:
         handle.remove()
+        model.train(was_training)
+    return {"head": name, **train_head(model, head, cached, steps=steps, lr=lr, seed=seed)}
 
+
+def _head_input_hook(seen: dict[str, Any]):
+    """A forward hook that keeps the head's input (as it is: with its graph, if any) and
+    whether the head gives one vector per example."""
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["x"], seen["per_token"] = inputs[0], output.dim() == 3
+
+    return hook
+
+
+def _head_features(seen: dict[str, Any], batch: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The batch's features for fitting the head, detached, paired with its labels: a
+    per-token head's input at the last attended token, where the model pools."""
+    feats = seen.pop("x").detach()
+    if seen["per_token"]:
+        last = batch["attention_mask"].sum(1) - 1
+        feats = feats[torch.arange(feats.shape[0], device=feats.device), last]
+    return {"x": feats.float(), "y": batch["labels"]}
+
+
+def train_head(model: nn.Module, head: nn.Module, cached: list[dict[str, torch.Tensor]], *,
+               steps: int = HEAD_STEPS, lr: float = HEAD_LR, seed: int = 0) -> dict[str, Any]:
+    """Adam on the head alone over cached (features, labels): full batch when the features
+    are vectors, else a seeded random cached batch per step. Every other parameter is frozen
+    for the fit and left as it was (requires_grad flags restored, no .grad kept)."""
     vectors = all(c["x"].dim() == 2 for c in cached)
     if vectors:
         cached = [
             {"x": torch.cat([c["x"] for c in cached]), "y": torch.cat([c["y"] for c in cached])}
         ]
+    n_examples = sum(len(c["y"]) for c in cached)
     head_dtype = next(head.parameters()).dtype
 
     def loss_of(c: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1269,36 +1416,39 @@ def fit_head_on_frozen_features(
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(sum(loss_of(c) * len(c["y"]) for c in cached) / len(examples))
+            return float(sum(loss_of(c) * len(c["y"]) for c in cached) / n_examples)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     for p in head.parameters():
         p.requires_grad_(True)
+    was_training = head.training
+    head.eval()  # a head with its own dropout (RoBERTa's) fits as the analysis reads it
     before = mean_loss()
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     try:
-        for _ in range(steps):
-            c = (
-                cached[0]
-                if vectors
-                else cached[int(torch.randint(len(cached), (1,), generator=order))]
-            )
-            opt.zero_grad(set_to_none=True)
-            loss_of(c).backward()
-            opt.step()
+        with torch.enable_grad():
+            for _ in range(steps):
+                c = (
+                    cached[0]
+                    if vectors
+                    else cached[int(torch.randint(len(cached), (1,), generator=order))]
+                )
+                opt.zero_grad(set_to_none=True)
+                loss_of(c).backward()
+                opt.step()
+        after = mean_loss()
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-        model.train(was_training)
+        head.train(was_training)
     return {
-        "head": name,
         "loss_before": before,
-        "loss_after": mean_loss(),
+        "loss_after": after,
         "steps": steps,
-        "n_examples": len(examples),
+        "n_examples": n_examples,
         "full_batch": vectors,
     }
