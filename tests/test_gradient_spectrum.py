@@ -496,6 +496,9 @@ def test_plan_pads_no_more_than_one_length_sorted_pass():
             sum(in_order[r].max() * len(r) for r in one_pass))
         chunks = np.concatenate([b[1] for b in plan.batches[h]])
         assert np.bincount(chunks).tolist() == [8, 8, 16]  # chunk sizes of a 32-example half
+        # a batch's rows come by chunk, so each chunk is one slice of the batch (no copy)
+        assert all((np.diff(b[1]) >= 0).all() for b in plan.batches[h])
+    assert sum(len(np.unique(b[1])) > 1 for h in (0, 1) for b in plan.batches[h]) >= 2
 
 
 @pytest.mark.parametrize(

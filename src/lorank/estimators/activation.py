@@ -331,11 +331,13 @@ class Gram:
         inside the gradient spectrum's passes too), summed across batches in float64."""
         x = x.float()
         self._eig = None
-        self.trace += float((x**2).sum(dtype=torch.float64))
         self.n_tokens += x.shape[0]
         if self.exact:
-            self.c += (x.T @ x).double()
+            c = (x.T @ x).double()
+            self.c += c
+            self.trace += float(c.diagonal().sum())  # the sum of squares, read off C
         else:
+            self.trace += float((x**2).sum(dtype=torch.float64))
             self.y += (x.T @ (x @ self.omega32)).double()
 
     def eigenvalues(self) -> np.ndarray:

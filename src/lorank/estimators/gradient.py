@@ -566,7 +566,10 @@ def _plan(
         idx, chunks, groups = idx[order], chunks[order], groups[order]
         for b in range(0, len(idx), batch_size):
             sl = slice(b, b + batch_size)
-            batches[h].append((idx[sl], chunks[sl], groups[sl]))
+            # within a batch, rows by chunk: each chunk's rows are one slice of the batch's
+            # tensors, read without a copy (a batch's padding depends only on who is in it)
+            by_chunk = np.argsort(chunks[sl], kind="stable")
+            batches[h].append((idx[sl][by_chunk], chunks[sl][by_chunk], groups[sl][by_chunk]))
     n_groups = group_ends[-1]
     return _Plan(n_half, chunk_ends, group_ends, n_groups, batches)
 
@@ -1184,9 +1187,10 @@ class _Streaming:
         for i, (idx, chunks, groups) in enumerate(plan.batches[half]):
             parts = []
             for chunk in np.unique(chunks):  # rows None: the whole batch is one chunk
-                rows = np.nonzero(chunks == chunk)[0]
+                rows = np.nonzero(chunks == chunk)[0]  # one run: `_plan` orders rows by chunk
+                assert rows[-1] - rows[0] + 1 == len(rows), "a chunk's rows must be one run"
                 whole = len(rows) == len(chunks)
-                parts.append((int(chunk), None if whole else torch.as_tensor(rows, device=device),
+                parts.append((int(chunk), None if whole else slice(int(rows[0]), int(rows[-1]) + 1),
                               torch.as_tensor(groups[rows], device=device)))
             if held is None:
                 batch = {k: v.to(device)
