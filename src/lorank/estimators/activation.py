@@ -316,6 +316,7 @@ class Gram:
         self.d, self.exact = d, d <= exact_max_dim
         self.trace, self.n_tokens = 0.0, 0
         self._eig: np.ndarray | None = None
+        self._batch: torch.Tensor | None = None  # an exact Gram's per-batch product
         if self.exact:
             self.c = torch.zeros(d, d, dtype=torch.float64, device=device)
         else:
@@ -333,9 +334,11 @@ class Gram:
         self._eig = None
         self.n_tokens += x.shape[0]
         if self.exact:
-            c = (x.T @ x).double()
-            self.c += c
-            self.trace += float(c.diagonal().sum())  # the sum of squares, read off C
+            if self._batch is None:
+                self._batch = torch.empty(self.d, self.d, dtype=x.dtype, device=x.device)
+            c = torch.mm(x.T, x, out=self._batch)  # one buffer for every batch
+            self.c += c  # summed in float64
+            self.trace += float(c.diagonal().sum(dtype=torch.float64))  # sum of squares, off C
         else:
             self.trace += float((x**2).sum(dtype=torch.float64))
             self.y += (x.T @ (x @ self.omega32)).double()

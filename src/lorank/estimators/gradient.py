@@ -634,8 +634,10 @@ class _Tap:
         """x: (N, d_in), d: (N, d_out), float32."""
         key = (half, chunk)
         if self.exact:
-            g = d.T @ x
-            self.acc[key] = g if key not in self.acc else self.acc[key] + g
+            if key in self.acc:
+                self.acc[key].addmm_(d.T, x)  # in place: no G-sized temporary per batch
+            else:
+                self.acc[key] = d.T @ x
             return
         self.acc[key] = _add_sketch(self.acc.get(key), x, d, self.omega, self.psi)
         if self.check:
@@ -871,9 +873,12 @@ def _add_sketch(
     omega: torch.Tensor,
     psi: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, W) += (G Omega, Psi G) for G = d^T x, without forming G."""
-    y, w = d.T @ (x @ omega), (d @ psi.T).T @ x
-    return (y, w) if acc is None else (y + acc[0], w + acc[1])
+    """(Y, W) += (G Omega, Psi G) for G = d^T x, without forming G (in place once begun)."""
+    if acc is None:
+        return d.T @ (x @ omega), (d @ psi.T).T @ x
+    acc[0].addmm_(d.T, x @ omega)
+    acc[1].addmm_((d @ psi.T).T, x)
+    return acc
 
 
 def sketch_svd(
