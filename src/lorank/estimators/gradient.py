@@ -30,6 +30,9 @@ Pass 3 needs only A's (x_t, d_t) again, not a new forward and backward: when the
 at 64 ~2.1 GB), pass 1 keeps them (`_Tape`) and pass 3 replays them (the same tensors in the
 same order, so the same numbers), which leaves one forward+backward over the calibration set
 instead of 1.5. Large models run pass 3 as a pass, holding O(k (d_in + d_out)) per layer.
+A classifier's new head is fitted on frozen features first (`fit_head`): from passes 1-2's own
+forward, their graphs held until the fit (`_Streaming.hold_and_fit_head`), when they fit in
+`replay_mb` too; else from a forward without gradients, as `fit_head_on_frozen_features` does.
 
 Chunks: each half is cut into chunks at the data fractions (n/4, n/2, n by default). Sketches
 and exact G are linear in the data, so the sums of the first chunks are the summaries at each
