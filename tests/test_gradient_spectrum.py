@@ -554,6 +554,25 @@ def _classification_examples(n: int, n_labels: int, position: int, seed: int) ->
     return out
 
 
+def _tiny_classifier(family: str, layers: int) -> tuple[torch.nn.Module, str, int]:
+    """A seeded tiny sequence classifier: (model, its head's name, the token its label reads)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if family == "bert":
+        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
+                            num_attention_heads=2, intermediate_size=64, num_labels=3)
+        return BertForSequenceClassification(config), "classifier", 0
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config), "score", -1
+
+
 def _body_state(model: torch.nn.Module, head: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(head)}
 
@@ -614,28 +633,11 @@ def test_fit_head_does_not_depend_on_how_the_body_pass_is_batched(family: str):
     """The body's pass takes the examples in length order; every example's features must stay
     paired with its own label and not depend on the padding of its batch, so one example per
     batch, 16 per batch, and the examples given in reverse fit the same head."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaForSequenceClassification,
-    )
-
     from lorank.estimators.gradient import fit_head_on_frozen_features
-
-    def model_and_head():
-        torch.manual_seed(0)
-        if family == "bert":
-            config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64, num_labels=3)
-            return BertForSequenceClassification(config), "classifier", 0
-        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                             num_labels=3, pad_token_id=0)
-        return LlamaForSequenceClassification(config), "score", -1
 
     heads, losses = [], []
     for batch_size, reverse in ((1, False), (16, False), (16, True)):
-        model, head, position = model_and_head()
+        model, head, position = _tiny_classifier(family, layers=1)
         examples = _classification_examples(60, 3, position, seed=2)
         report = fit_head_on_frozen_features(model, examples[::-1] if reverse else examples,
                                              pad_token_id=0, steps=60, lr=3e-2,
@@ -724,26 +726,9 @@ def test_head_fit_from_the_held_forward_reads_what_a_separate_fit_does(family: s
     numbers to float rounding, the same ranks. Held graphs that would pass replay_mb are dropped
     after the first batch (the rest of the features from forwards without gradients), and a
     per-token head (Llama's `score`, pooled by the model) never holds them: same results."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaForSequenceClassification,
-    )
-
     from lorank.estimators.gradient import fit_head_on_frozen_features
 
-    def model_and_head():
-        torch.manual_seed(0)
-        if family == "bert":
-            config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64, num_labels=3)
-            return BertForSequenceClassification(config), "classifier", 0
-        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                             num_labels=3, pad_token_id=0)
-        return LlamaForSequenceClassification(config), "score", -1
-
-    model, head, position = model_and_head()
+    model, head, position = _tiny_classifier(family, layers=2)
     examples = _classification_examples(96, 3, position, seed=1)
     targets = [n for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n != head][:6]
@@ -753,7 +738,7 @@ def test_head_fit_from_the_held_forward_reads_what_a_separate_fit_does(family: s
     separate_head = getattr(model, head).weight.detach().clone()
     runs, heads = {}, {}
     for mb in (64, 1e-3):  # holds everything / drops the graphs after the first batch
-        model, _, _ = model_and_head()
+        model, _, _ = _tiny_classifier(family, layers=2)
         runs[mb] = gradient_spectrum(model, examples, targets, fit_head=True, replay_mb=mb,
                                      **kwargs)
         heads[mb] = getattr(model, head).weight.detach().clone()
