@@ -82,7 +82,8 @@ def analyze(
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
     replay_mb: float = typer.Option(2048, help="memory (MiB, on the model's device) that half A's "
                                     "layer inputs and gradients may take to replay the last "
-                                    "pass instead of running it; 0: always run it"),
+                                    "pass instead of running it, and a classifier's forward "
+                                    "graphs to serve its head fit; 0: always run both"),
     out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
