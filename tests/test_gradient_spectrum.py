@@ -676,6 +676,9 @@ def test_fit_head_rejects_language_modelling_examples():
     student, examples, _ = planted(0)
     with pytest.raises(ValueError, match="classification examples"):
         fit_head_on_frozen_features(student, examples[:8], pad_token_id=0)
+    with pytest.raises(ValueError, match="fit_head needs classification examples"):
+        gradient_spectrum(student, examples[:16], ["lm_head"], pad_token_id=0, max_rank=2,
+                          fit_head=True, progress=False)
 
 
 def test_wide_exact_layers_hand_over_the_same_top_directions_as_a_full_svd():

@@ -362,6 +362,8 @@ def gradient_spectrum(
     """
     start = time.perf_counter()
     _check_rule(rule)
+    if fit_head and not (examples and isinstance(examples[0]["labels"], int)):
+        raise ValueError("fit_head needs classification examples (int labels)")
     taps_spec = _resolve_targets(model, target_names, max_rank)
     plan = _plan(examples, fractions, seed, batch_size, max_groups)
     n_train = len(examples) if n_train is None else int(n_train)
