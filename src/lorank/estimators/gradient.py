@@ -1056,6 +1056,7 @@ class _Streaming:
         self.tape = _Tape(replay_mb * 2**20, tape_tokens)  # half A's (x, d), for pass 3
         self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
         self.first: dict[str, torch.Tensor] = {}  # first batch's inputs, alive until compared
+        self.head: nn.Module | None = None  # a classifier's head, once `hold_and_fit_head` ran
 
     def __enter__(self) -> _Streaming:
         self.hooks.__enter__()
@@ -1117,6 +1118,7 @@ class _Streaming:
         features come from forwards without gradients, as `fit_head_on_frozen_features`'s:
         returns None for the held graphs then. The fitted head is the same either way."""
         name, head = find_classification_head(self.model)
+        self.head = head  # what the held batches' backward reads through
         device = next(self.model.parameters()).device
         weights = {t.untyped_storage().data_ptr()
                    for t in (*self.model.parameters(), *self.model.buffers())}
@@ -1194,7 +1196,7 @@ class _Streaming:
         batches whose forward ran in `hold_and_fit_head`) only the backward, through the
         fitted head; each held graph is freed once read."""
         device = next(self.model.parameters()).device
-        for i, (idx, chunks, groups) in enumerate(plan.batches[half]):
+        for b, (idx, chunks, groups) in enumerate(plan.batches[half]):
             parts = []
             for chunk in np.unique(chunks):  # rows None: the whole batch is one chunk
                 rows = np.nonzero(chunks == chunk)[0]  # one run: `_plan` orders rows by chunk
@@ -1207,7 +1209,7 @@ class _Streaming:
                          for k, v in collate([examples[i] for i in idx], pad).items()}
                 mask, tokens = batch["attention_mask"], batch["input_ids"].numel()
             else:
-                item, held[i] = held[i], None
+                item, held[b] = held[b], None
                 assert item is not None
                 mask, tokens = item.mask, item.tokens
             self.ctx = {
@@ -1224,8 +1226,7 @@ class _Streaming:
                 if held is None:
                     loss = summed_loss(self.model, batch)
                 else:
-                    loss = _summed(find_classification_head(self.model)[1](item.feats),
-                                   item.labels)
+                    loss = _summed(self.head(item.feats), item.labels)
                 if not loss.requires_grad:
                     raise ValueError("the loss does not depend on any target layer")
                 loss.backward()
