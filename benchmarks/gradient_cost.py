@@ -59,7 +59,9 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = 
       something to differentiate): the cheapest backward there is, the headline ratio's base;
     - target_grads: also every target layer's full-weight gradient sum_t d_t x_t^T, the very
       quantity the gradient spectrum reads (the bulk of a full fine-tuning step's backward);
-    - lora16: a LoRA step's backward, rank 16 on every target (peft, on a copy of the model).
+    - lora16: a LoRA step's backward, rank 16 on every target (peft, on a copy of the model);
+    - none: the forward alone, without gradients (what a classifier's head fit on frozen
+      features costs beside its few Adam steps; `gradient_cost_width.py --head-fit`).
     """
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     if backward == "lora16":
@@ -69,7 +71,9 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = 
                                                                 target_modules=targets))
     for p in model.parameters():
         p.requires_grad_(False)
-    if backward == "frozen":
+    if backward == "none":
+        chosen = []
+    elif backward == "frozen":
         chosen = [next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).weight]
     elif backward == "target_grads":
         chosen = [model.get_submodule(name).weight for name in targets]
@@ -80,25 +84,16 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = 
     start = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_token_id)
-        model(**batch).loss.backward()
+        if backward == "none":
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        else:
+            model(**batch).loss.backward()
     seconds = time.perf_counter() - start
     for p in chosen:
         p.grad = None
         p.requires_grad_(False)
     return seconds
-
-
-def forward_seconds(model, examples, pad_token_id, batch_size) -> float:
-    """One forward over the calibration set without gradients, batched in length order: what
-    the head fit on frozen features costs beside its (small) Adam steps on the cached
-    features, for a model where that fit is not measured directly."""
-    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i:i + batch_size], pad_token_id)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return time.perf_counter() - start
 
 
 def measure(name: str, model_source: str, data: str, val: str | None, calib: int,

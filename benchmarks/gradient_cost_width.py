@@ -33,7 +33,6 @@ from lorank.estimators.gradient import gradient_spectrum
 sys.path.insert(0, str(Path(__file__).parent))
 from gradient_cost import (  # noqa: E402
     BASELINES,
-    forward_seconds,
     one_pass_seconds,
     other_baselines,
     peak_rss_mib,
@@ -66,7 +65,7 @@ def measure(shape: str, n_examples: int, length: int, max_rank: int, seed: int =
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
     if head_fit:
         one_pass_seconds(model, examples[:8], 0, 8)  # warm-up
-        forward = forward_seconds(model, examples, 0, 8)
+        forward = one_pass_seconds(model, examples, 0, 8, backward="none")
         base = one_pass_seconds(model, examples, 0, 8)
         return {"shape": shape, "examples": n_examples, "tokens": n_examples * length,
                 "forward_no_grad_s": round(forward, 2), "one_forward_backward_s": round(base, 2),

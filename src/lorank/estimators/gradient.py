@@ -1120,17 +1120,14 @@ class _Streaming:
         name, head = find_classification_head(self.model)
         self.head = head  # what the held batches' backward reads through
         device = next(self.model.parameters()).device
-        weights = {t.untyped_storage().data_ptr()
+        # the weights' storages count as seen: saved for backward, they take no new memory
+        counted = {t.untyped_storage().data_ptr()
                    for t in (*self.model.parameters(), *self.model.buffers())}
-        counted: set[int] = set()
         size = {"bytes": 0, "tokens": 0}
         total = plan.tokens(examples, 0) + plan.tokens(examples, 1)
 
         def count(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in weights and storage.data_ptr() not in counted:
-                counted.add(storage.data_ptr())  # kept alive by the graph: never reused
-                size["bytes"] += storage.nbytes()
+            size["bytes"] += _new_storage_bytes(t, counted)
             return t
 
         def count_input(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -1274,11 +1271,7 @@ class _Tape:
     def keep(self, name: str, x3: torch.Tensor, d3: torch.Tensor) -> None:
         if not self.on:
             return
-        for t in (x3, d3):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self.storages:  # kept tensors' addresses stay theirs
-                self.storages.add(storage.data_ptr())
-                self.bytes += storage.nbytes()
+        self.bytes += _new_storage_bytes(x3, self.storages) + _new_storage_bytes(d3, self.storages)
         if self.bytes > self.limit:
             self._drop()
             return
@@ -1290,6 +1283,17 @@ class _Tape:
 
     def clear(self) -> None:
         self.batches, self.storages, self.bytes, self.tokens = [], set(), 0, 0
+
+
+def _new_storage_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """The bytes of `t`'s storage if it is not in `seen` (which it then joins), else 0: memory
+    kept alive is counted once per storage, however many tensors view it. Only for tensors
+    that stay alive while counted, so that no address is reused and matched stale."""
+    storage = t.untyped_storage()
+    if storage.data_ptr() in seen:
+        return 0
+    seen.add(storage.data_ptr())
+    return storage.nbytes()
 
 
 def _feed(tap: _Tap, half: int, parts: list[tuple], x3: torch.Tensor, d3: torch.Tensor,
