@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorank.estimators.activation import activation_spectrum
+from lorank.estimators.activation import Gram, activation_spectrum
 from lorank.estimators.base import Evidence
 from lorank.estimators.gradient import gradient_spectrum
 
@@ -91,6 +91,26 @@ def test_planted_input_subspaces_give_the_planted_energy_ranks(exact_max_dim: in
     assert abs(a.participation_ratio - 4) < 0.2 and abs(b.participation_ratio - 12) < 0.5
     ratios = a.explained_ratios()
     assert np.allclose(ratios[:4], 0.995 / 4, atol=0.01)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 20, 60])
+def test_input_sketch_with_fewer_tokens_than_columns_gives_the_exact_eigenvalues(n_tokens):
+    """C of rank n_tokens < sketch columns: C Omega's Nystrom core is then singular, and the
+    float32 products leave it indefinite (Cholesky failed on a 6-example dataset). The sketch
+    spans all of C's range, so its eigenvalues are C's own, and zero beyond n_tokens."""
+    gen = torch.Generator().manual_seed(n_tokens)
+    d = 300
+    x = torch.randn(n_tokens, d, generator=gen) * torch.logspace(0, -2, d)
+    gram = Gram(d, exact_max_dim=0, sketch_rank=64, seed=0, device=torch.device("cpu"))
+    for rows in x.split(7):
+        gram.add(rows)
+    exact = torch.linalg.eigvalsh(x.double().T @ x.double()).flip(0).numpy()
+    eig = gram.eigenvalues()
+    assert eig.shape == (64,)
+    assert np.allclose(eig[:n_tokens], exact[:n_tokens], rtol=1e-3)
+    assert np.all(eig[n_tokens:] < 1e-3 * exact[0])
+    empty = Gram(d, exact_max_dim=0, sketch_rank=64, seed=0, device=torch.device("cpu"))
+    assert not np.any(empty.eigenvalues())
 
 
 @pytest.mark.parametrize("exact_max_dim", [1024, 0])

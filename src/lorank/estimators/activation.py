@@ -32,6 +32,9 @@ from lorank.data import collate
 from lorank.estimators.base import Evidence
 from lorank.report import ticker
 
+# eigenvalues of the Nystrom core below this fraction of its largest are rounding, not signal
+NYSTROM_CORE_TOL = 1e-6
+
 
 @dataclass
 class ActivationLayer:
@@ -354,10 +357,29 @@ class Gram:
         if self.exact:
             return torch.linalg.eigvalsh(self.c).flip(0).clamp_min(0).cpu().numpy()
         # stabilised Nystrom (Tropp et al. 2017, Algorithm 3)
-        nu = math.sqrt(self.d) * torch.finfo(torch.float64).eps * float(torch.linalg.norm(self.y))
+        norm = float(torch.linalg.norm(self.y))
+        if norm == 0.0:  # no tokens, or inputs that are all zero
+            return np.zeros(self.k)
+        nu = math.sqrt(self.d) * torch.finfo(torch.float64).eps * norm
         y = self.y + nu * self.omega
         b = self.omega.T @ y
-        chol = torch.linalg.cholesky((b + b.T) / 2)
+        chol, info = torch.linalg.cholesky_ex((b + b.T) / 2)
+        if int(info) != 0:
+            return self._pinv_eigenvalues()
         e = torch.linalg.solve_triangular(chol, y.T, upper=False).T  # y @ chol^-T
         s = torch.linalg.svdvals(e)
         return (s**2 - nu).clamp_min(0).cpu().numpy()
+
+    def _pinv_eigenvalues(self) -> np.ndarray:
+        """Nystrom through the core's pseudo-inverse, for when C has lower rank than the sketch
+        (fewer tokens than columns): the core Omega^T C Omega is then singular, and the float32
+        products of `add` leave it indefinite at about float32's epsilon, beyond what the
+        float64 shift covers. Dropping the core's rounding-level directions recovers C's
+        eigenvalues to about 1e-7 there (C Omega spans all of C's range)."""
+        b = self.omega.T @ self.y
+        lam, v = torch.linalg.eigh((b + b.T) / 2)
+        keep = lam > NYSTROM_CORE_TOL * lam[-1]
+        s = torch.linalg.svdvals(self.y @ (v[:, keep] / lam[keep].sqrt())) ** 2
+        out = np.zeros(self.k)
+        out[: len(s)] = s.cpu().numpy()
+        return out
