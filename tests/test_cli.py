@@ -158,6 +158,26 @@ def test_probe_bad_budget(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     assert_one_line_error(code, err, "--budget 0: must be at least one step")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--budget", "-3"), "--budget -3: must be at least one step"),
+    (("--budget", "-3m"), "--budget -3m: expected a positive, finite number of minutes"),
+    (("--budget", "0m"), "--budget 0m: expected a positive, finite number of minutes"),
+    (("--budget", "10", "--lr", "0"), "--lr 0: learning rates must be positive"),
+    (("--budget", "10", "--probe-method", "dense"), "--probe-method dense: expected svd or"),
+])
+def test_bad_probe_options_fail_before_anything_is_measured(monkeypatch, capsys, model_dir,
+                                                            pc_data, tmp_path, args, message):
+    import lorank.api
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the probe's options were checked")
+
+    monkeypatch.setattr(lorank.api, "prepare_inputs", must_not_load)
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       *args, "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, message)
+
+
 def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_dir, pc_data,
                                                      tmp_path):
     code, out, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import tempfile
@@ -93,6 +94,10 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     """
     if budget is not None and "probe" not in estimators:
         estimators = (*estimators, "probe")
+    if "probe" in estimators:  # the probe's options, checked before anything is measured
+        budget_form(budget)
+        check_probe_method(probe_method)
+        learning_rates(lr)
     if out is not None:
         ensure_writable(Path(out))
     seed_everything(seed)
@@ -243,6 +248,27 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     return evidence
 
 
+def budget_form(budget: str | int | None) -> tuple[str, float] | None:
+    """("steps", n) or ("minutes", m) for a budget given as "200" or "10m"; None for the
+    default (about one epoch). Checked before anything loads, so a typo costs no measuring."""
+    if budget is None or budget == "auto":
+        return None
+    text = str(budget).strip().lower()
+    try:
+        if text.endswith(("m", "min")):
+            form = ("minutes", float(text.rstrip("min")))
+        else:
+            form = ("steps", float(int(text)))
+    except ValueError:
+        raise LorankError(f"--budget {budget}: expected training steps (200) or minutes (10m)"
+                          ) from None
+    if form[0] == "steps" and form[1] < 1:
+        raise LorankError(f"--budget {budget}: must be at least one step")
+    if not form[1] > 0 or math.isinf(form[1]):  # also NaN
+        raise LorankError(f"--budget {budget}: expected a positive, finite number of minutes")
+    return form
+
+
 def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_size: int,
                  n_train: int) -> tuple[int, str]:
     """Training steps for a budget given as steps ("200") or minutes ("10m").
@@ -250,24 +276,29 @@ def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_siz
     Minutes become steps with the measured forward speed: one training step costs about three
     forward passes (forward + backward) over `batch_size` examples of median length.
     """
-    if budget is None or budget == "auto":  # about one epoch, at least 20 steps
+    form = budget_form(budget)
+    if form is None:  # about one epoch, at least 20 steps
         steps = max(20, -(-n_train // batch_size))
         return steps, f"{steps} steps (about one epoch)"
-    text = str(budget).strip().lower()
-    try:
-        if text.endswith(("m", "min")):
-            minutes = float(text.rstrip("min"))
-            per_step = 3 * prof.forward_seconds_per_token * batch_size * \
-                prof.length_percentiles["p50"]
-            steps = max(1, int(minutes * 60 / max(per_step, 1e-6)))
-            return steps, f"{minutes:g} min ≈ {steps} steps at {per_step:.2f} s/step (estimated)"
-        steps = int(text)
-    except ValueError:
-        raise LorankError(f"--budget {budget}: expected training steps (200) or minutes (10m)"
-                          ) from None
-    if steps < 1:
-        raise LorankError(f"--budget {budget}: must be at least one step")
-    return steps, f"{steps} steps"
+    kind, value = form
+    if kind == "steps":
+        return int(value), f"{int(value)} steps"
+    per_step = 3 * prof.forward_seconds_per_token * batch_size * prof.length_percentiles["p50"]
+    steps = max(1, int(value * 60 / max(per_step, 1e-6)))
+    return steps, f"{value:g} min ≈ {steps} steps at {per_step:.2f} s/step (estimated)"
+
+
+def check_probe_method(method: str) -> None:
+    if method not in ("svd", "nested"):
+        raise LorankError(f"--probe-method {method}: expected svd or nested")
+
+
+def learning_rates(lr: float | Sequence[float]) -> list[float]:
+    """The probe's learning rates, sorted and distinct; all positive and finite."""
+    lrs = sorted({float(x) for x in lr}) if isinstance(lr, Sequence) else [float(lr)]
+    if not lrs or not all(0 < x < math.inf for x in lrs):
+        raise LorankError(f"--lr {lr}: expected one or more positive learning rates")
+    return lrs
 
 
 def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds: float,
@@ -353,14 +384,11 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
     from lorank.report import plot_rank_curve
     from lorank.train import TrainConfig, train_lora
 
-    if method not in ("svd", "nested"):
-        raise LorankError(f"--probe-method {method}: expected svd or nested")
+    check_probe_method(method)
     max_rank = min(max_rank, targets.max_rank)
     targets.check_rank(max_rank)
     steps, budget_text = parse_budget(budget, prof, batch_size, len(prepared.train))
-    lrs = sorted({float(x) for x in lr}) if isinstance(lr, Sequence) else [float(lr)]
-    if not lrs or min(lrs) <= 0:
-        raise LorankError(f"--lr {lr}: expected one or more positive learning rates")
+    lrs = learning_rates(lr)
     # the nested probe samples from the same list: both curves end at max_rank itself
     ranks = default_ranks(max_rank)
     config = TrainConfig(rank=max_rank, target_modules=targets.peft_target_modules,
