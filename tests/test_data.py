@@ -111,6 +111,43 @@ def test_missing_field_names_record(tmp_path):
         data.read_dataset(path)
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"text": ["a", "b"]}, "record 2: field 'text': expected text, got a JSON list"),
+    ({"prompt": {"q": 1}, "completion": "c"}, "record 2: field 'prompt': expected text"),
+    ({"instruction": "i", "input": ["x"], "output": "o"}, "record 2: field 'input': expected"),
+    ({"text": "t", "label": ["x"]}, "record 2: field 'label': expected a class name or number"),
+    ({"messages": "hi"}, "record 2: field 'messages': expected a non-empty list"),
+    ({"messages": []}, "record 2: field 'messages': expected a non-empty list"),
+    ({"messages": ["hi"]}, r"record 2: messages\[0\]: expected an object"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+     r"record 2: messages\[1\]: expected a string 'content'"),
+])
+def test_malformed_values_name_record_and_field(tmp_path, row, message):
+    """Values of the wrong kind fail at reading with the record and field, not as a traceback
+    from the chat template or as a Python repr tokenized in place of text."""
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    fmt = data.detect_format([row])
+    first = good if fmt == "chat" else {k: (v if k == "label" else "ok") for k, v in row.items()}
+    if fmt == "classification":
+        first = {"text": "ok", "label": "x"}
+    path = write_jsonl(tmp_path / "m.jsonl", [first, row])
+    with pytest.raises(LorankError, match=message):
+        data.read_dataset(path)
+
+
+def test_one_label_is_not_a_classification_task(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "label": "same"} for i in range(6)])
+    with pytest.raises(LorankError, match="every record has the label 'same'"):
+        data.prepare(path, tokenizer)
+
+
+def test_chat_without_assistant_turns_says_which_turns_train(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl",
+                       [{"messages": [{"role": "user", "content": "hi"}]} for _ in range(4)])
+    with pytest.raises(LorankError, match="only turns with role 'assistant' are trained on"):
+        data.prepare(path, tokenizer)
+
+
 def test_no_supervised_tokens(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl",
                        [{"prompt": "x" * 40, "completion": "y"} for _ in range(4)])

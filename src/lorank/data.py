@@ -131,6 +131,38 @@ def check_columns(records: list[dict[str, Any]], fmt: str, source: str = "data")
         missing = [c for c in FORMATS[fmt] if c not in record or record[c] is None]
         if missing:
             raise LorankError(f"{source}: record {i}: missing field '{missing[0]}' for format {fmt}")
+        problem = _field_problem(record, fmt)
+        if problem:
+            raise LorankError(f"{source}: record {i}: {problem}")
+
+
+TEXT_FIELDS = ("text", "prompt", "completion", "instruction", "input", "output")
+
+
+def _field_problem(record: dict[str, Any], fmt: str) -> str | None:
+    """What is wrong with a record's values for `fmt` (None if nothing): a list or an object
+    where text belongs would otherwise be tokenized as its Python repr, and a malformed chat
+    message fail deep inside the tokenizer's template."""
+    for name in (*FORMATS[fmt], "input"):
+        value = record.get(name)
+        if name in TEXT_FIELDS and isinstance(value, (list, dict)):
+            return f"field '{name}': expected text, got a JSON {'list' if isinstance(value, list) else 'object'}"
+    if fmt == "classification" and isinstance(record["label"], (list, dict)):
+        return "field 'label': expected a class name or number"
+    if fmt == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "field 'messages': expected a non-empty list of {role, content} objects"
+        for j, message in enumerate(messages):
+            if not isinstance(message, dict):
+                return f"messages[{j}]: expected an object with 'role' and 'content'"
+            if not isinstance(message.get("role"), str):
+                return f"messages[{j}]: expected a string 'role'"
+            content = message.get("content")
+            # content parts (a list) and a tool call without content are the templates' to read
+            if not (isinstance(content, (str, list)) or content is None and "tool_calls" in message):
+                return f"messages[{j}]: expected a string 'content'"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +285,9 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
         val_records, _ = read_dataset(val_source, fmt)
     task = "classification" if fmt == "classification" else "causal"
     label_ids = label_vocabulary(records + (val_records or [])) if task == "classification" else None
+    if label_ids is not None and len(label_ids) < 2:
+        raise LorankError(f"{source}: every record has the label {next(iter(label_ids))!r}; "
+                          "classification needs at least two classes")
     keys = [json.dumps(r, sort_keys=True, default=str) for r in records]
     duplicate_rate = 1.0 - len(set(keys)) / len(keys)
 
@@ -276,7 +311,8 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
     if not train:
         raise LorankError(
             f"{source}: no supervised tokens after masking and truncation to --max-length "
-            f"{max_length} (format {fmt})"
+            f"{max_length} (format {fmt}"
+            + ("; only turns with role 'assistant' are trained on)" if fmt == "chat" else ")")
         )
     if not val:
         raise LorankError(f"{val_source or source}: validation set has no supervised tokens")
