@@ -178,6 +178,32 @@ def test_bad_probe_options_fail_before_anything_is_measured(monkeypatch, capsys,
     assert_one_line_error(code, err, message)
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--steps", "0"), "Invalid value for '--steps'"),
+    (("--batch-size", "0"), "Invalid value for '--batch-size'"),
+    (("--eval-every", "-2"), "Invalid value for '--eval-every'"),
+    (("--max-length", "0"), "Invalid value for '--max-length'"),
+    (("--skip-margin", "-1"), "Invalid value for '--skip-margin'"),
+    (("--lora-alpha", "0"), "--lora-alpha 0: must be positive"),  # was silently alpha 8
+    (("--lora-alpha", "-1"), "--lora-alpha -1: must be positive"),
+])
+def test_bad_sweep_numbers_fail_before_anything_loads(monkeypatch, capsys, model_dir, pc_data,
+                                                      tmp_path, args, message):
+    """Steps 0 ran "finished" trials and batch size 0 raised from the DataLoader."""
+    import lorank.api
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the sweep's numbers were checked")
+
+    monkeypatch.setattr(lorank.api, "prepare_inputs", must_not_load)
+    code, _, err = run(monkeypatch, capsys, "sweep", "-m", model_dir, "-d", str(pc_data),
+                       "--ranks", "1,2", "--seeds", "0", "--lrs", "1e-3", *args,
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and "Traceback" not in err
+    assert message in " ".join(err.split()), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_dir, pc_data,
                                                      tmp_path):
     code, out, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),

@@ -70,6 +70,15 @@ def test_config_json_and_scaling_rule():
     assert lc.use_rslora and lc.lora_alpha == c.lora_alpha and lc.r == 4
 
 
+@pytest.mark.parametrize("bad", [dict(rank=0), dict(lora_alpha=0.0), dict(learning_rate=-1e-3),
+                                 dict(steps=0), dict(batch_size=0), dict(eval_every=0),
+                                 dict(warmup_ratio=1.0), dict(lora_dropout=1.0)])
+def test_config_rejects_a_recipe_that_trains_nothing(bad):
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"TrainConfig: invalid {name}="):
+        small_config(**bad)
+
+
 def test_train_is_deterministic():
     tr, va = causal_examples(48, 0), causal_examples(12, 1)
     c = small_config()

@@ -293,11 +293,11 @@ def check_probe_method(method: str) -> None:
         raise LorankError(f"--probe-method {method}: expected svd or nested")
 
 
-def learning_rates(lr: float | Sequence[float]) -> list[float]:
+def learning_rates(lr: float | Sequence[float], option: str = "--lr") -> list[float]:
     """The probe's learning rates, sorted and distinct; all positive and finite."""
     lrs = sorted({float(x) for x in lr}) if isinstance(lr, Sequence) else [float(lr)]
     if not lrs or not all(0 < x < math.inf for x in lrs):
-        raise LorankError(f"--lr {lr}: expected one or more positive learning rates")
+        raise LorankError(f"{option} {lr}: expected one or more positive learning rates")
     return lrs
 
 
@@ -514,6 +514,15 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
     from lorank.sweep import SweepSpec, model_factory_from, run_sweep
     from lorank.train import DEFAULT_ALPHA
 
+    for name, value, low in (("steps", steps, 1), ("batch-size", batch_size, 1),
+                             ("eval-every", eval_every, 0), ("max-length", max_length, 1)):
+        if value < low:
+            raise LorankError(f"--{name} {value}: must be at least {low}")
+    if lora_alpha is not None and not 0 < lora_alpha < math.inf:
+        raise LorankError(f"--lora-alpha {lora_alpha:g}: must be positive")
+    if skip_margin is not None and not skip_margin >= 0:
+        raise LorankError(f"--skip-margin {skip_margin:g}: must be at least 0 (nats)")
+    learning_rates(lrs, "--lrs")
     out = ensure_writable(Path(out))
     loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
                                       max_length=max_length, seed=seed, dtype=dtype,
@@ -525,7 +534,7 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
               "modules_to_save": target_set.modules_to_save or None,
               "steps": steps, "batch_size": batch_size,
               "eval_every": eval_every or max(1, steps // 4),
-              "lora_alpha": lora_alpha or DEFAULT_ALPHA, "use_rslora": True,
+              "lora_alpha": DEFAULT_ALPHA if lora_alpha is None else lora_alpha, "use_rslora": True,
               "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
     if gradient_checkpointing:  # only when on, so studies made before the option keep their identity
         recipe["gradient_checkpointing"] = True

@@ -38,10 +38,10 @@ def recommend(
     fmt: str = typer.Option(None, "--format", help="text, prompt-completion, alpaca, chat, "
                             "classification (default: detected from the columns)"),
     val_data: str = typer.Option(None, help="validation data (default: split 10% off, ≤256)"),
-    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
-    rank: int = typer.Option(None, help="force this rank (checked against the targets)"),
-    max_rank: int = typer.Option(256, help="largest candidate rank"),
-    batch_size: int = typer.Option(8, help="batch size for measurements and the memory model"),
+    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    rank: int = typer.Option(None, min=1, help="force this rank (checked against the targets)"),
+    max_rank: int = typer.Option(256, min=1, help="largest candidate rank"),
+    batch_size: int = typer.Option(8, min=1, help="batch size for measurements and the memory model"),
     seed: int = typer.Option(0, help="seed: same seed, same inputs -> same recommendation"),
     out: Path = typer.Option(Path("lorank-out"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -50,7 +50,7 @@ def recommend(
     budget: str = typer.Option(None, help="add the one-run probe with this budget: training "
                                "steps (200) or minutes (10m)"),
     probe_method: str = BUDGET_METHOD,
-    probe_max_rank: int = typer.Option(64, help="rank the probe trains at (reads all below)"),
+    probe_max_rank: int = typer.Option(64, min=1, help="rank the probe trains at (reads all below)"),
     lr: str = typer.Option("1e-3", help="learning rate of the probe run; several "
                            "(2e-3,8e-3): a short pilot at the middle rank picks one"),
     calib: int = CalibOpt,
@@ -72,11 +72,11 @@ def analyze(
     data: str = DataOpt,
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
     calib: int = CalibOpt,
-    max_rank: int = typer.Option(None, help="largest rank read per layer [min(64, layer dims)]"),
+    max_rank: int = typer.Option(None, min=1, help="largest rank read per layer [min(64, layer dims)]"),
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
-    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
-    batch_size: int = typer.Option(8, help="batch size of the forward/backward passes"),
+    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    batch_size: int = typer.Option(8, min=1, help="batch size of the forward/backward passes"),
     sketch_check: bool = typer.Option(False, help="report each sketched layer's principal "
                                       "angles to an independent replica sketch (costs more)"),
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
@@ -122,7 +122,7 @@ def probe(
     model: str = ModelOpt,
     data: str = DataOpt,
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
-    max_rank: int = typer.Option(64, help="rank the probe trains at; every rank below is read"),
+    max_rank: int = typer.Option(64, min=1, help="rank the probe trains at; every rank below is read"),
     budget: str = typer.Option(None, help="training steps (200) or minutes (10m); default "
                                "about one epoch"),
     method: str = BUDGET_METHOD,
@@ -130,8 +130,8 @@ def probe(
                            "at the middle rank picks one"),
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
-    max_length: int = typer.Option(512, help="truncate examples to this many tokens"),
-    batch_size: int = typer.Option(8, help="batch size per step"),
+    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    batch_size: int = typer.Option(8, min=1, help="batch size per step"),
     seed: int = typer.Option(0, help="seed"),
     out: Path = typer.Option(Path("lorank-probe"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -150,9 +150,9 @@ def probe(
 def targets(
     model: str = ModelOpt,
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
-    num_labels: int = typer.Option(None, help="load as a classifier with this many labels"),
-    batch_size: int = typer.Option(8, help="batch size for the memory model"),
-    seq_len: int = typer.Option(512, help="sequence length for the memory model"),
+    num_labels: int = typer.Option(None, min=2, help="load as a classifier with this many labels"),
+    batch_size: int = typer.Option(8, min=1, help="batch size for the memory model"),
+    seq_len: int = typer.Option(512, min=1, help="sequence length for the memory model"),
 ) -> None:
     """List the target modules, their shapes, and params / memory per rank."""
     from rich.table import Table
@@ -191,20 +191,20 @@ def sweep(
     ranks: str = typer.Option(None, help="comma-separated ranks [1,2,4,8,16,32,64]"),
     lrs: str = typer.Option(None, help="comma-separated learning rates [5e-4,2e-3]"),
     seeds: str = typer.Option(None, help="comma-separated training seeds [0,1]"),
-    steps: int = typer.Option(None, help="optimizer steps per run [100]"),
-    batch_size: int = typer.Option(None, help="batch size per step [8]"),
-    eval_every: int = typer.Option(0, help="evaluate every N steps (0: steps/4)"),
+    steps: int = typer.Option(None, min=1, help="optimizer steps per run [100]"),
+    batch_size: int = typer.Option(None, min=1, help="batch size per step [8]"),
+    eval_every: int = typer.Option(0, min=0, help="evaluate every N steps (0: steps/4)"),
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
-    max_length: int = typer.Option(None, help="truncate examples to this many tokens [512]"),
+    max_length: int = typer.Option(None, min=1, help="truncate examples to this many tokens [512]"),
     lora_alpha: float = typer.Option(None, help="fixed alpha for every rank (rsLoRA) [8]"),
     storage: str = typer.Option(None, help="study storage URL (default: sqlite in --out); "
                                 "postgresql://... lets many workers share the sweep"),
     prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
-    skip_margin: float = typer.Option(None, help="nats: a later seed skips an lr that lost to "
+    skip_margin: float = typer.Option(None, min=0.0, help="nats: a later seed skips an lr that lost to "
                                       "its rank's best lr by more at the first seed [off]"),
-    max_trials: int = typer.Option(None, help="stop this worker after N trials"),
+    max_trials: int = typer.Option(None, min=1, help="stop this worker after N trials"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in "
                                                 "backward: less memory, more time"),
     out: Path = typer.Option(Path("lorank-sweep"), help="output directory"),

@@ -97,6 +97,18 @@ class TrainConfig:
     # a step loss above divergence_factor * max(first step loss, 1) counts as diverged
     divergence_factor: float = 10.0
 
+    def __post_init__(self) -> None:
+        """Reject a recipe that would train nothing or fail deep inside the Trainer."""
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in (
+            ("rank", self.rank >= 1), ("lora_alpha", 0 < self.lora_alpha < math.inf),
+            ("learning_rate", 0 < self.learning_rate < math.inf), ("steps", self.steps >= 1),
+            ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
+            ("eval_every", self.eval_every >= 1), ("warmup_ratio", 0 <= self.warmup_ratio < 1),
+            ("lora_dropout", 0 <= self.lora_dropout < 1),
+        ) if not ok]
+        if bad:
+            raise ValueError(f"TrainConfig: invalid {', '.join(bad)}")
+
     @property
     def scaling(self) -> float:
         """Scale of `B @ A` at this config's rank under the scaling rule."""
