@@ -79,6 +79,14 @@ def test_model_not_found(monkeypatch, capsys, pc_data, tmp_path):
     assert_one_line_error(code, err, "model 'nope-model' not found.*smollm2-135m")
 
 
+def test_generation_data_on_a_classifier_says_what_data_it_needs(monkeypatch, capsys,
+                                                                  tiny_bert_dir, pc_data,
+                                                                  tmp_path):
+    code, _, err = run(monkeypatch, capsys, "analyze", "-m", str(tiny_bert_dir), "-d",
+                       str(pc_data), "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "is a classifier .*it needs classification data")
+
+
 def test_targets_match_nothing(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
                        "--targets", "c_attn", "--out", str(tmp_path / "o"), "--quiet")

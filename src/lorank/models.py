@@ -184,7 +184,9 @@ def load_model(
                       use_safetensors=True, **hub)
         if task == "classification":
             if not num_labels:
-                raise LorankError("classification needs the number of labels (from the data)")
+                raise LorankError(f"model {source} is a classifier (no language-modelling head):"
+                                  " it needs classification data (text, label), whose labels "
+                                  "give the head's size (`lorank targets`: --num-labels)")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = AutoModelForSequenceClassification.from_pretrained(
