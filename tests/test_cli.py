@@ -87,6 +87,19 @@ def test_generation_data_on_a_classifier_says_what_data_it_needs(monkeypatch, ca
     assert_one_line_error(code, err, "is a classifier .*it needs classification data")
 
 
+def test_one_label_fails_before_the_model_loads(monkeypatch, capsys, model_dir, tmp_path):
+    import lorank.api
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the labels were checked")
+
+    monkeypatch.setattr(lorank.api, "load_model", must_not_load)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "label": 1} for i in range(6)])
+    code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(data),
+                       "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "every record has the label '1'; classification needs")
+
+
 def test_targets_match_nothing(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
                        "--targets", "c_attn", "--out", str(tmp_path / "o"), "--quiet")

@@ -61,7 +61,9 @@ def prepare_inputs(model: str | LoadedModel, data: str | Path, *, fmt: str | Non
         num_labels = None
         if fmt == "classification":
             extra = data_mod.read_dataset(val_data, fmt)[0] if val_data else []
-            num_labels = len(data_mod.label_vocabulary(records + extra))
+            label_ids = data_mod.label_vocabulary(records + extra)
+            data_mod.check_labels(label_ids, data)  # before the model loads
+            num_labels = len(label_ids)
         model = load_model(model, task="classification" if fmt == "classification" else None,
                            num_labels=num_labels, dtype=dtype, device=device,
                            trust_remote_code=trust_remote_code, seed=seed)

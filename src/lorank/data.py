@@ -229,6 +229,12 @@ def _chat_tokens(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], 
     return ids, labels
 
 
+def check_labels(label_ids: dict[str, int], source: str | Path) -> None:
+    if len(label_ids) < 2:
+        raise LorankError(f"{source}: every record has the label {next(iter(label_ids))!r}; "
+                          "classification needs at least two classes")
+
+
 def label_vocabulary(records: list[dict[str, Any]]) -> dict[str, int]:
     """Label string -> class id, sorted so the mapping does not depend on record order."""
     labels = sorted({str(r["label"]) for r in records})
@@ -285,9 +291,8 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
         val_records, _ = read_dataset(val_source, fmt)
     task = "classification" if fmt == "classification" else "causal"
     label_ids = label_vocabulary(records + (val_records or [])) if task == "classification" else None
-    if label_ids is not None and len(label_ids) < 2:
-        raise LorankError(f"{source}: every record has the label {next(iter(label_ids))!r}; "
-                          "classification needs at least two classes")
+    if label_ids is not None:
+        check_labels(label_ids, source)
     keys = [json.dumps(r, sort_keys=True, default=str) for r in records]
     duplicate_rate = 1.0 - len(set(keys)) / len(keys)
 
