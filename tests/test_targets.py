@@ -8,7 +8,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 from lorank.errors import LorankError
-from lorank.targets import memory_estimate, resolve_targets
+from lorank.targets import layer_kinds, memory_estimate, resolve_targets
 
 
 def test_all_linear_excludes_lm_head(tiny_llama):
@@ -40,6 +40,19 @@ def test_bert_dense_uses_full_names(tiny_bert):
     assert not any("pooler" in t.name or "classifier" in t.name for t in ts.layers)
     assert ts.modules_to_save == ["classifier"]
     assert all("." in n for n in ts.peft_target_modules)  # "dense" alone would hit the pooler
+
+
+def test_layer_kinds_tell_berts_dense_layers_apart(tiny_bert, tiny_llama):
+    """The gradient report plots one figure per kind: BERT's three "dense" layers per block
+    (attention output, intermediate, output) are different kinds, Llama's keep their names."""
+    bert = [t.name for t in resolve_targets(tiny_bert, "all-linear").layers]
+    kinds = layer_kinds(bert)
+    assert set(kinds.values()) == {"query", "key", "value", "attention.output.dense",
+                                   "intermediate.dense", "output.dense"}
+    assert kinds["bert.encoder.layer.1.output.dense"] == "output.dense"
+    llama = [t.name for t in resolve_targets(tiny_llama, "all-linear").layers]
+    assert set(layer_kinds(llama + ["lm_head"]).values()) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 
 
 def test_no_match_lists_modules(tiny_llama):

@@ -270,9 +270,12 @@ def write_gradient_report(spectrum, out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    from lorank.targets import layer_kinds
+
+    kinds = layer_kinds([layer.name for layer in spectrum.layers])
     groups: dict[str, list] = {}
     for layer in spectrum.layers:
-        groups.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer)
+        groups.setdefault(kinds[layer.name], []).append(layer)
     for group, layers in groups.items():
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
         cmap = plt.get_cmap("viridis")
@@ -289,8 +292,8 @@ def write_gradient_report(spectrum, out: Path) -> None:
                 right.plot(np.arange(1, len(t) + 1), np.asarray(t, float), color=color, ls=ls,
                            lw=1, alpha=0.8)
                 right.axhline(thr, color=color, ls=":", lw=0.8)
-        left.set(title=f"{group}: singular values of each half (shallow→deep)",
-                 xlabel="direction", ylabel="σ")
+        fig.suptitle(f"{group}: {len(layers)} layers, colour shallow→deep", fontsize=10)
+        left.set(title="singular values of each half", xlabel="direction", ylabel="σ")
         left.legend(handles=[Line2D([], [], color="k", ls="-", label="half A"),
                              Line2D([], [], color="k", ls="--", label="half B")], fontsize=7)
         right.axhline(0, color="grey", lw=0.5)

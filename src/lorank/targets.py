@@ -97,6 +97,23 @@ def _group(name: str) -> str:
     return "attention" if re.search(r"attn|attention", name) else "mlp"
 
 
+def layer_kinds(names: list[str]) -> dict[str, str]:
+    """Each layer's kind: its path inside the repeated block (after the last block index),
+    shortened to the fewest trailing names that still tell kinds apart. Llama's q_proj stays
+    "q_proj"; BERT's three "dense" layers become "attention.output.dense", "intermediate.dense"
+    and "output.dense" rather than one group."""
+    paths = {n: _BLOCK.split(f".{n}")[-1].strip(".").split(".") for n in names}
+    full = {".".join(p) for p in paths.values()}
+    depth = dict.fromkeys(full, 1)
+    while True:
+        short = {f: ".".join(f.split(".")[-depth[f]:]) for f in full}
+        clash = {f for f in full for g in full if f != g and short[f] == short[g]}
+        if not clash:
+            return {n: short[".".join(p)] for n, p in paths.items()}
+        for f in clash:
+            depth[f] += 1
+
+
 def _is_head(name: str) -> bool:
     last = name.rsplit(".", 1)[-1]
     return last in HEAD_NAMES or name.startswith(HEAD_NAMES) or last == "lm_head"
