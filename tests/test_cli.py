@@ -126,12 +126,14 @@ def test_usage_error_exit_2(monkeypatch, capsys):
 
 
 def test_recommend_prints_table(monkeypatch, capsys, model_dir, pc_data, tmp_path):
+    out_dir = tmp_path / "o[bold]x"  # printed as it is, not read as rich markup ("ox")
     code, out, _ = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
-                       "--out", str(tmp_path / "o"), "--quiet", "--max-length", "64")
+                       "--out", str(out_dir), "--quiet", "--max-length", "64")
     assert code == 0
     assert "candidate ranks" in out and "recommended rank" in out
-    assert (tmp_path / "o" / "adapter_config.json").exists()
-    prof = json.loads((tmp_path / "o" / "recommendation.json").read_text())["inputs"]["profile"]
+    assert f"wrote {out_dir}/recommendation.json" in " ".join(out.split())
+    assert (out_dir / "adapter_config.json").exists()
+    prof = json.loads((out_dir / "recommendation.json").read_text())["inputs"]["profile"]
     line = next(x for x in out.splitlines() if x.startswith("data: "))
     assert f"{prof['examples']:,} train / {prof['val_examples']:,} val examples" in line
     assert f"{prof['supervised_tokens']:,} supervised tokens" in line

@@ -17,6 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
+
+def say(text: str) -> None:
+    """One plain line: paths and names are printed as they are, never read as rich markup
+    (an output directory named "out[bold]" printed as "out")."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
 ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
                         "or alias: smollm2-135m, minilm-l6")
 CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "
@@ -96,7 +102,7 @@ def analyze(
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
                gradient_max_rank=max_rank, sketch_check=sketch_check,
                gradient_replay_mb=replay_mb, progress=not quiet)
-    console.print(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
+    say(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
 def _lrs(text: str) -> float | list[float]:
@@ -114,7 +120,7 @@ def _recommend(model: str, data: str, out: Path, **kwargs) -> None:
     rec = api_recommend(model, data, out=out, **kwargs)
     print_recommendation(rec, console)
     extra = ", probe_curve.png" if (out / "probe_curve.png").exists() else ""
-    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json{extra}")
+    say(f"wrote {out}/recommendation.json, {out}/adapter_config.json{extra}")
 
 
 @app.command()
@@ -179,7 +185,7 @@ def targets(
         cost.add_row(str(r), human_count(ts.params(r)), human_bytes(adapter_bytes(ts, r)),
                      human_bytes(mem.total))
     console.print(cost)
-    console.print(f"PEFT target_modules: {ts.peft_target_modules}")
+    say(f"PEFT target_modules: {ts.peft_target_modules}")
 
 
 @app.command()
@@ -254,7 +260,7 @@ def sweep(
         table.add_row(str(r), f"{row['loss']:.4f}", f"{row['se']:.4f}", f"{row['seed_sd']:.4f}",
                       f"{row['lr']:g}", str(row["seeds"]))
     console.print(table)
-    console.print(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, "
+    say(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, "
                   f"{out}/rank_loss.png")
 
 
@@ -316,7 +322,7 @@ def bench(
                       f"{o['worst_regret']:.2%}", f"{o['within_tol']}/{o['tasks']}",
                       f"{o['mean_waste']:.2f}", f"{o['mean_cost']:.3f}")
     console.print(table)
-    console.print(f"updated {markdown}")
+    say(f"updated {markdown}")
 
 
 @app.command()
@@ -334,9 +340,9 @@ def demo(
 
     rec, data_path = run_demo(out, n=n, seed=seed, calib=calib, budget=budget,
                               progress=not quiet)
-    console.print(f"demo data: {data_path}")
+    say(f"demo data: {data_path}")
     print_recommendation(rec, console)
-    console.print(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+    say(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
 
 
 INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"

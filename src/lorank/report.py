@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from lorank.decide import Recommendation
@@ -142,14 +144,14 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
         console.print(table)
     console.print(
         f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
-        f"(use_rslora={rec.use_rslora}), targets {', '.join(rec.target_modules)}; "
+        f"(use_rslora={rec.use_rslora}), targets {escape_markup(', '.join(rec.target_modules))}; "
         f"{human_count(rec.trainable_params)} trainable params, "
         f"~{human_bytes(rec.memory['total'])} to train; confidence [bold]{rec.confidence}[/]"
     )
     for reason in rec.rationale:
         console.print(f"  • {reason}", markup=False, highlight=False)
     for warning in rec.warnings:
-        console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+        console.print(Text("  warning: ", style="yellow") + Text(str(warning)))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
