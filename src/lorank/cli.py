@@ -257,11 +257,11 @@ def sweep(
     for col in ("rank", "val loss", "± se", "seed sd", "lr", "seeds"):
         table.add_column(col, justify="right")
     for r, row in sorted(result.curve.items()):
-        table.add_row(str(r), f"{row['loss']:.4f}", f"{row['se']:.4f}", f"{row['seed_sd']:.4f}",
+        seed_sd = f"{row['seed_sd']:.4f}" if row["seeds"] > 1 else "–"  # one seed: no spread
+        table.add_row(str(r), f"{row['loss']:.4f}", f"{row['se']:.4f}", seed_sd,
                       f"{row['lr']:g}", str(row["seeds"]))
     console.print(table)
-    say(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, "
-                  f"{out}/rank_loss.png")
+    say(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, {out}/rank_loss.png")
 
 
 @app.command()
