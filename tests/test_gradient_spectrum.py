@@ -47,6 +47,8 @@ from lorank.estimators.gradient import (
     gradient_spectrum,
     principal_angles_deg,
     replicated_energy_rank,
+    replication_test,
+    sign_flip_testable,
     sketch_svd,
 )
 
@@ -233,6 +235,38 @@ def test_weak_directions_need_more_data_and_extrapolation_grows():
     assert bigger.to_evidence().details["fits"]["lm_head"]["n_target"] == 16 * n
 
 
+def test_sign_flips_over_too_few_groups_cannot_find_anything():
+    """The premise of `sign_flip_testable`: with g groups the identity flip alone has
+    probability 2^-g, so a direction as strong as can be still fails when 2^-g >= alpha."""
+    gen = torch.Generator().manual_seed(0)
+    for g, can_reject in ((2, False), (4, False), (5, True), (8, True)):
+        c = torch.randn(g, 16, generator=gen) * 0.1
+        c[:, 0] = 10.0 + torch.rand(g, generator=gen)  # one direction replicated in every group
+        count = replication_test(c, 0.05, 4000, gen)["count"]
+        assert (count >= 1) == can_reject, (g, count)
+        assert sign_flip_testable([g], 0.05, 1) == [can_reject]
+
+
+def test_small_calibration_leaves_unsign_flip_testable_out_of_the_growth_fit():
+    """16 examples: 2 and 4 groups per half at n/4 and n/2, where the test cannot reject.
+    Their zeros used to enter the fit as measurements and steepen it (a 16-example SmolLM2 set
+    read [0, 0, 28] as linear growth, extrapolated to max_rank); now the growth rests on the
+    one testable fraction, and the interval says growth is unknown."""
+    student, examples, _ = planted(4)
+    gs = gradient_spectrum(student, examples[:16], ["lm_head"], pad_token_id=0, max_rank=16,
+                           batch_size=8, n_train=100, progress=False)
+    assert gs.groups == [2, 4, 8]
+    layer, row = gs.layers[0], gs.layer_table()[0]
+    measured = layer.ranks["replication"][-1]
+    assert row["replication_by_fraction"] == [None, None, int(measured)]
+    fit = gs.layer_fit(layer)
+    assert fit["n"] == [16] and fit["exponent"] == 0.0 and fit["rank"] == measured
+    assert fit["interval"][1] == pytest.approx((1 + measured) * 100 / 16 - 1)  # up to linear
+    assert any("too few example groups (2, 4)" in note for note in gs.notes)
+    assert gs.layer_fit(layer, "gavish_donoho")["n"] == [4, 8, 16]  # other rules: every fraction
+    assert json.loads(json.dumps(gs.to_dict()))["groups"] == [2, 4, 8]
+
+
 def test_fit_growth_saturated_and_empty_layers():
     flat = fit_growth([100, 200, 400], [5, 5, 5], 4000, 64)
     assert flat["rank"] == pytest.approx(5) and flat["exponent"] == pytest.approx(0.0, abs=1e-9)
@@ -240,7 +274,9 @@ def test_fit_growth_saturated_and_empty_layers():
     assert empty["rank"] == 0
     capped = fit_growth([100, 200, 400], [10, 20, 40], 40000, 64)
     assert capped["rank"] == 64
-    assert fit_growth([400], [7], 4000, 64)["rank"] == 7  # one point: no growth claimed
+    one = fit_growth([400], [7], 4000, 64)
+    assert one["rank"] == 7 and one["interval"] == [7, 64]  # one point: no growth claimed,
+    # none ruled out (linear growth would reach 79, capped at max_rank)
 
 
 def test_hooked_g_equals_the_weight_gradient_of_the_summed_loss():

@@ -283,16 +283,18 @@ def gradient_rule_picks(details: dict[str, Any]) -> dict[str, int]:
     """The global rank every variant of the gradient spectrum would pick, from its stored
     per-layer spectra: each rule, at the calibration size or extrapolated to the training set,
     with the median or the 90% quantile over layers. Re-scoring a rule trains nothing."""
-    from lorank.estimators.gradient import RULES, _global, fit_growth
+    from lorank.estimators.gradient import RULES, _global, rule_growth
 
     layers, n_train, max_rank = details["layers"], details["n_train"], details["max_rank"]
+    groups, alpha = details.get("groups"), details.get("alpha", 0.05)
     picks = {}
     for rule in RULES:
         if any(rule not in lay["ranks"] for lay in layers):  # stored before the rule existed
             continue
         at_calib = [float(lay["ranks"][rule][-1]) for lay in layers]
-        extrapolated = [fit_growth(lay["n_examples"], lay["ranks"][rule], n_train,
-                                   max_rank)["rank"] for lay in layers]
+        extrapolated = [rule_growth(lay["n_examples"], lay["ranks"][rule], rule, n_train,
+                                    max_rank, groups=groups, alpha=alpha)["rank"]
+                        for lay in layers]
         for q in RULE_QUANTILES:
             picks[f"{rule}, q{q:g}, at calibration n"] = _global(at_calib, q, max_rank)
             picks[f"{rule}, q{q:g}, extrapolated"] = _global(extrapolated, q, max_rank)

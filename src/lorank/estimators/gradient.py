@@ -89,6 +89,7 @@ REPLAY_MB = 2048.0  # default memory kept to save work (`gradient_spectrum`'s re
 HEAD_STEPS, HEAD_LR = 200, 1e-2  # Adam on a classifier's new head, on frozen features
 RULES = ("replication", "gavish_donoho", "energy90", "energy95", "stable",
          "replicated_energy90", "replicated_energy95")
+REPLICATION_RULES = ("replication", "replicated_energy90", "replicated_energy95")  # sign flips
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class GradientSpectrum:
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     cost_seconds: float = 0.0
+    groups: list[int] = field(default_factory=list)  # sign-flip groups per half, per fraction
 
     def layer_fit(self, layer: LayerSpectrum, rule: str | None = None) -> dict[str, Any]:
         """Growth fit of one layer's rank under `rule`, extrapolated to n_train."""
@@ -164,7 +166,8 @@ class GradientSpectrum:
         if rule == "replication":
             ab, ba = layer.replication_ab[-1], layer.replication_ba[-1]
             spread = (float(min(ab, ba)), float(max(ab, ba)))
-        return fit_growth(layer.n_examples, layer.ranks[rule], self.n_train, self.max_rank, spread)
+        return rule_growth(layer.n_examples, layer.ranks[rule], rule, self.n_train,
+                           self.max_rank, groups=self.groups, alpha=self.alpha, spread=spread)
 
     def rank_pattern(self, rule: str | None = None) -> dict[str, int]:
         """Per-layer rank for PEFT's LoraConfig(rank_pattern=...): full module names, which
@@ -196,6 +199,7 @@ class GradientSpectrum:
     def layer_table(self, rule: str | None = None) -> list[dict[str, Any]]:
         """One row per layer: shape, method, rank under every rule, the growth fit."""
         rows = []
+        tested = sign_flip_testable(self.groups, self.alpha, len(self.fractions))
         for layer in self.layers:
             fit = self.layer_fit(layer, rule)
             rows.append(
@@ -203,7 +207,9 @@ class GradientSpectrum:
                     "layer": layer.name,
                     "shape": f"{layer.d_out}x{layer.d_in}",
                     "method": layer.method,
-                    "replication_by_fraction": [int(r) for r in layer.ranks["replication"]],
+                    "replication_by_fraction": [  # None: too few groups to test there
+                        int(r) if ok else None
+                        for r, ok in zip(layer.ranks["replication"], tested, strict=True)],
                     "replication": int(layer.ranks["replication"][-1]),
                     "gavish_donoho": int(layer.ranks["gavish_donoho"][-1]),
                     "energy90": int(layer.ranks["energy90"][-1]),
@@ -233,6 +239,7 @@ class GradientSpectrum:
             "settings": dict(self.settings),
             "notes": list(self.notes),
             "cost_seconds": self.cost_seconds,
+            "groups": list(self.groups),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -429,6 +436,18 @@ def gradient_spectrum(
     layers = [tap.finish(plan, alpha, n_flips, seed) for tap in taps]
     timings["analysis"] = time.perf_counter() - t0
     notes = []
+    untestable = [f for f, ok in zip(fractions, sign_flip_testable(plan.group_ends, alpha,
+                                                                   len(fractions)), strict=True)
+                  if not ok]
+    if untestable:
+        notes.append(
+            f"at data fraction(s) {', '.join(f'{f:g}' for f in untestable)} each half holds "
+            f"too few example groups ({', '.join(map(str, plan.group_ends[:len(untestable)]))}) "
+            f"for the sign-flip test at alpha {alpha:g} (it needs 2^-g < alpha): the "
+            "replication rules' growth fits leave them out"
+            + ("" if len(untestable) < len(fractions) - 1 else
+               ", so their extrapolation rests on one point (growth unknown: interval up to "
+               "linear)"))
     if any(layer.method == "sketch" for layer in layers):
         notes.append(
             "layers above exact_max_dim were read through randomized sketches"
@@ -444,6 +463,7 @@ def gradient_spectrum(
         rule=rule,
         global_quantile=global_quantile,
         alpha=alpha,
+        groups=list(plan.group_ends),
         settings={
             "batch_size": batch_size,
             "seed": seed,
@@ -994,6 +1014,30 @@ def replicated_energy_rank(s_ab: list[float], s_ba: list[float], replicated: int
     return int(np.searchsorted(np.cumsum(e) / e.sum(), p - 1e-12) + 1)
 
 
+def sign_flip_testable(groups: list[int] | None, alpha: float, n_fractions: int) -> list[bool]:
+    """Fractions at which the sign-flip test can find anything. With g groups per half the
+    identity flip alone comes up with probability 2^-g, and its max statistic is the observed
+    maximum, so no direction clears the (1 - alpha) quantile unless 2^-g < alpha (g >= 5 at
+    alpha 0.05): a count of 0 there is by construction, not a measurement. Unknown groups
+    (results stored before they were) count as testable."""
+    if not groups:
+        return [True] * n_fractions
+    return [2.0 ** -g < alpha for g in groups]
+
+
+def rule_growth(n: list[int], r: list[float], rule: str, n_target: int, max_rank: int, *,
+                groups: list[int] | None = None, alpha: float = 0.05,
+                spread: tuple[float, float] | None = None) -> dict[str, Any]:
+    """`fit_growth` of one layer's ranks under `rule`; the rules that count replicated
+    directions leave out the fractions whose test could not reject (`sign_flip_testable`),
+    which would otherwise read as rank 0 and steepen the growth (a 16-example calibration set:
+    [0, 0, 28] extrapolated as linear growth, to max_rank)."""
+    keep = list(range(len(n)))
+    if rule in REPLICATION_RULES:
+        keep = [j for j, ok in enumerate(sign_flip_testable(groups, alpha, len(n))) if ok] or keep
+    return fit_growth([n[j] for j in keep], [r[j] for j in keep], n_target, max_rank, spread)
+
+
 def fit_growth(
     n: list[int],
     r: list[float],
@@ -1015,8 +1059,8 @@ def fit_growth(
         slopes = [
             (y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x))
         ]
-    else:
-        b, slopes = 0.0, [0.0]
+    else:  # one point: no growth claimed, and none ruled out
+        b, slopes = 0.0, [0.0, 1.0]
     b = float(np.clip(b, 0.0, 1.0))
     slopes = [float(np.clip(s, 0.0, 1.0)) for s in slopes]
     r_lo, r_hi = r_range if r_range is not None else (r[-1], r[-1])
