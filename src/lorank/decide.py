@@ -1,8 +1,10 @@
 """Decide: weigh all Evidence into one Recommendation with confidence, reasons and warnings.
 
 Trust order: a measured rank–loss curve (sweep, then probe) decides; a data estimate (gradient
-spectrum) decides when no curve exists; a ceiling (capacity) only caps the others, and alone
-gives the largest rank the data could fill, with low confidence.
+spectrum) decides when no curve exists; a ceiling (capacity) never overrides them (a rank
+above it is warned about, an estimate far above it gets low confidence: the benchmark's
+ceilings sit below r* on several tasks), and alone gives the largest rank the data could
+fill, with low confidence.
 """
 
 from __future__ import annotations
