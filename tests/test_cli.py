@@ -118,6 +118,9 @@ def test_unwritable_output(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
                        "--out", str(blocker / "sub"), "--quiet")
     assert_one_line_error(code, err, "output directory is not writable")
+    code, _, err = run(monkeypatch, capsys, "recommend", "-m", model_dir, "-d", str(pc_data),
+                       "--out", str(blocker), "--quiet")
+    assert_one_line_error(code, err, "is a file; expected a directory")
 
 
 def test_usage_error_exit_2(monkeypatch, capsys):

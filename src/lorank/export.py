@@ -27,6 +27,8 @@ def lora_config(rec: Recommendation, base_model: str | None = None) -> LoraConfi
 def ensure_writable(out: Path) -> Path:
     """Create the output directory and prove it is writable before any work is done."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LorankError(f"--out {out}: is a file; expected a directory (new or existing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".lorank-write-test"
