@@ -119,7 +119,7 @@ def _recommend(model: str, data: str, out: Path, **kwargs) -> None:
 
     rec = api_recommend(model, data, out=out, **kwargs)
     print_recommendation(rec, console)
-    extra = ", probe_curve.png" if (out / "probe_curve.png").exists() else ""
+    extra = f", {out}/probe_curve.png" if (out / "probe_curve.png").exists() else ""
     say(f"wrote {out}/recommendation.json, {out}/adapter_config.json{extra}")
 
 
