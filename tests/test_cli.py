@@ -148,6 +148,18 @@ def test_targets_command(monkeypatch, capsys, model_dir):
     assert code == 0 and "q_proj" in out and "cost per rank" in out
 
 
+def test_targets_of_a_classifier_without_num_labels(monkeypatch, capsys, tiny_bert_dir,
+                                                    model_dir):
+    """Listing targets needs no data: a classifier's head is counted at 2 labels, and said so
+    (it used to fail asking for the number of labels)."""
+    from lorank.models import model_task
+
+    assert model_task(str(tiny_bert_dir)) == "classification" and model_task(model_dir) == "causal"
+    code, out, err = run(monkeypatch, capsys, "targets", "-m", str(tiny_bert_dir))
+    assert code == 0, err
+    assert "cost per rank" in out and "counted with a 2-label head" in " ".join(out.split())
+
+
 def test_analyze_bad_calib(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
                        "--calib", "3", "--out", str(tmp_path / "o"), "--quiet")

@@ -156,7 +156,8 @@ def probe(
 def targets(
     model: str = ModelOpt,
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
-    num_labels: int = typer.Option(None, min=2, help="load as a classifier with this many labels"),
+    num_labels: int = typer.Option(None, min=2, help="load as a classifier with this many "
+                                   "labels [2 for a classifier model]"),
     batch_size: int = typer.Option(8, min=1, help="batch size for the memory model"),
     seq_len: int = typer.Option(512, min=1, help="sequence length for the memory model"),
 ) -> None:
@@ -164,10 +165,13 @@ def targets(
     from rich.table import Table
 
     from lorank.decide import candidate_ranks
-    from lorank.models import load_model
+    from lorank.models import load_model, model_task
     from lorank.report import human_bytes, human_count
     from lorank.targets import adapter_bytes, memory_estimate, resolve_targets
 
+    assumed_labels = num_labels is None and model_task(model) == "classification"
+    if assumed_labels:  # the head's size only moves the counts by its own few parameters
+        num_labels = 2
     loaded = load_model(model, task="classification" if num_labels else None,
                         num_labels=num_labels)
     ts = resolve_targets(loaded.model, targets)
@@ -186,6 +190,8 @@ def targets(
                      human_bytes(mem.total))
     console.print(cost)
     say(f"PEFT target_modules: {ts.peft_target_modules}")
+    if assumed_labels:
+        say("a classifier: counted with a 2-label head (--num-labels N for yours)")
 
 
 @app.command()

@@ -201,6 +201,21 @@ def load_model(
     return LoadedModel(model, tokenizer, task, source, directory, num_labels)
 
 
+def model_task(source: str, trust_remote_code: bool = False) -> str:
+    """'causal' or 'classification': what `load_model` loads `source` as by default, read from
+    its config alone (no weights)."""
+    directory, gguf_file, task = resolve_source(source)
+    if task is not None:
+        return task
+    if gguf_file is not None:  # transformers reads GGUF files as language models only
+        return "causal"
+    from_hub = not Path(directory).exists()
+    with hub_offline() if from_hub else contextlib.nullcontext():
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                            local_files_only=from_hub)
+    return _task_from_config(config)
+
+
 def _task_from_config(config) -> str:
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in archs or "LMHead" in archs:
