@@ -60,6 +60,23 @@ def test_estimate_capped_by_nothing_but_flagged_above_ceiling(tiny_llama):
     assert any("above the capacity ceiling 2" in w for w in rec.warnings)
 
 
+def test_forced_rank_replaces_the_pattern_and_its_warnings_are_about_it(tiny_llama):
+    """`--rank 1` below the estimate: the ceiling warning was about the estimate's rank 8
+    (the forced rank used to be patched in after the warnings were written)."""
+    targets = resolve_targets(tiny_llama)
+    name = targets.layers[0].name
+    ev = [Evidence("capacity", "ceiling", 2),
+          Evidence("gradient", "estimate", 8, interval=(4, 8), rank_pattern={name: 4})]
+    rec = decide(ev, targets, forced_rank=1)
+    assert rec.rank == 1 and rec.rank_pattern == {}
+    assert rec.rationale[0] == "rank 1 forced by the user (evidence suggested 8)"
+    assert not any("above the capacity ceiling" in w for w in rec.warnings), rec.warnings
+    assert rec.trainable_params == targets.params(1)
+    assert decide(ev, targets, forced_rank=4).warnings == [
+        "rank 4 is above the capacity ceiling 2: the data cannot fill it (the ceiling is loose; "
+        "trust the measured evidence)"]
+
+
 def test_estimate_at_its_limit_or_far_above_ceiling_is_low_confidence(tiny_llama):
     targets = resolve_targets(tiny_llama)
     capped = Evidence("gradient", "estimate", 16, interval=(16, 16),

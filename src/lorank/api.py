@@ -137,9 +137,7 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
         "batch_size": batch_size, "profile": prof.to_dict(), "versions": versions(),
     }
     rec = decide(evidence, target_set, ranks=ranks, task=prepared.task, batch_size=batch_size,
-                 seq_len=seq_len, inputs=inputs)
-    if rank is not None:
-        rec = _forced(rec, rank, target_set, batch_size, seq_len)
+                 seq_len=seq_len, inputs=inputs, forced_rank=rank)
     if out is not None:
         write_outputs(rec, Path(out), base_model=loaded.path)
     return rec
@@ -487,19 +485,6 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                         picks={evidence.name: evidence.suggested_rank},
                         title=f"{evidence.name}: validation loss per rank (one run)")
     return evidence
-
-
-def _forced(rec: Recommendation, rank: int, targets: TargetSet, batch_size: int,
-            seq_len: int) -> Recommendation:
-    from lorank.targets import memory_estimate
-
-    if rank != rec.rank:
-        rec.rationale.insert(0, f"rank {rank} forced by the user (evidence suggested {rec.rank})")
-    rec.rank, rec.rank_pattern = rank, {}
-    rec.trainable_params = targets.params(rank)
-    rec.adapter_bytes = 4 * rec.trainable_params
-    rec.memory = memory_estimate(targets, rank, batch_size=batch_size, seq_len=seq_len).to_dict()
-    return rec
 
 
 def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: list[float],

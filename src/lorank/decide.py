@@ -60,12 +60,14 @@ def snap_up(rank: float, ranks: list[int]) -> int:
 def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | None = None,
            task: str = "causal", batch_size: int = 8, seq_len: int = 512,
            lora_alpha: float | None = None, use_rslora: bool | None = None,
-           inputs: dict[str, Any] | None = None) -> Recommendation:
+           inputs: dict[str, Any] | None = None, forced_rank: int | None = None
+           ) -> Recommendation:
     """Turn the estimators' Evidence into one Recommendation (see module docstring).
 
     `lora_alpha` / `use_rslora` left None take the scaling rule of the curve that decides
     (a rank measured under one rule is only right under that rule, DESIGN.md), else lorank's
-    default (alpha 8, rsLoRA).
+    default (alpha 8, rsLoRA). `forced_rank` (the user's `--rank`) replaces the evidence's
+    rank and any per-layer pattern; warnings and costs are then about the forced rank.
     """
     ranks = ranks or candidate_ranks(targets)
     rationale: list[str] = []
@@ -132,6 +134,11 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         rationale.append("no estimator gave a rank: falling back to the common default 16")
         warnings.append("no evidence about this dataset: the rank is folklore, not measured")
 
+    if forced_rank is not None:
+        if forced_rank != rank:
+            rationale.insert(0, f"rank {forced_rank} forced by the user (evidence suggested "
+                                f"{rank})")
+        rank, pattern = forced_rank, {}
     if ceiling is not None and rank > ceiling and (curves or by_kind["estimate"]):
         warnings.append(f"rank {rank} is above the capacity ceiling {ceiling}: the data cannot "
                         "fill it (the ceiling is loose; trust the measured evidence)")
