@@ -265,6 +265,11 @@ def test_small_calibration_leaves_unsign_flip_testable_out_of_the_growth_fit():
     assert any("too few example groups (2, 4)" in note for note in gs.notes)
     assert gs.layer_fit(layer, "gavish_donoho")["n"] == [4, 8, 16]  # other rules: every fraction
     assert json.loads(json.dumps(gs.to_dict()))["groups"] == [2, 4, 8]
+    tiny = gradient_spectrum(student, examples[:8], ["lm_head"], pad_token_id=0, max_rank=4,
+                             batch_size=8, fractions=(0.5, 1.0), progress=False)
+    assert tiny.groups == [2, 4] and tiny.layers[0].ranks["replication"] == [0.0, 0.0]
+    assert any("too few for the sign-flip test at alpha 0.05 to find anything" in note
+               for note in tiny.notes), tiny.notes
 
 
 def test_fit_growth_saturated_and_empty_layers():

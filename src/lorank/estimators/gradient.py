@@ -439,7 +439,13 @@ def gradient_spectrum(
     untestable = [f for f, ok in zip(fractions, sign_flip_testable(plan.group_ends, alpha,
                                                                    len(fractions)), strict=True)
                   if not ok]
-    if untestable:
+    if len(untestable) == len(fractions):
+        notes.append(
+            f"each half holds only {plan.group_ends[-1]} examples, too few for the sign-flip "
+            f"test at alpha {alpha:g} to find anything (it needs 2^-g < alpha, g >= "
+            f"{math.floor(math.log2(1 / alpha)) + 1}): the replication rules read 0 by "
+            "construction, not as a finding; use more calibration examples")
+    elif untestable:
         notes.append(
             f"at data fraction(s) {', '.join(f'{f:g}' for f in untestable)} each half holds "
             f"too few example groups ({', '.join(map(str, plan.group_ends[:len(untestable)]))}) "
