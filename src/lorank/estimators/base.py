@@ -14,7 +14,7 @@ class Evidence:
     """One estimator's finding.
 
     `kind` says how `decide` may use it:
-      - "ceiling": `suggested_rank` is an upper bound (ranks above it cannot be filled);
+      - "ceiling": `suggested_rank` is an upper bound at full capacity (loose in practice);
       - "estimate": `suggested_rank` is a point estimate of the right rank, `interval` its range;
       - "curve": `curve` holds a rank -> loss curve with standard errors (probe, sweep).
     """
