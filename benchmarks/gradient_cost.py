@@ -98,7 +98,8 @@ def one_pass_seconds(model, examples, pad_token_id, batch_size, backward: str = 
 
 def measure(name: str, model_source: str, data: str, val: str | None, calib: int,
             max_length: int, batch_size: int = 8, replay_mb: float = REPLAY_MB,
-            backward: str | None = None) -> dict:
+            backward: str | None = None, max_rank: int = 64,
+            fractions: tuple[float, ...] = (0.25, 0.5, 1.0)) -> dict:
     """The analysis against the frozen baseline, both in this process; with `backward`, only
     that baseline (the other baselines run in processes of their own, so that a LoRA copy of
     the model or the targets' weight gradients do not change the heap the analysis runs in: on this VM
@@ -117,8 +118,8 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
     # does), inside the timed call: timings_s "head_fit"
     start = time.perf_counter()
     spectrum = gradient_spectrum(loaded.model, sample, names,
-                                 pad_token_id=loaded.pad_token_id, max_rank=64,
-                                 batch_size=batch_size, replay_mb=replay_mb,
+                                 pad_token_id=loaded.pad_token_id, max_rank=max_rank,
+                                 fractions=fractions, batch_size=batch_size, replay_mb=replay_mb,
                                  fit_head=prepared.task == "classification", progress=False)
     seconds = time.perf_counter() - start
     methods = [layer.method for layer in spectrum.layers]
@@ -127,6 +128,7 @@ def measure(name: str, model_source: str, data: str, val: str | None, calib: int
             "one_forward_backward_s": round(base, 3), "gradient_spectrum_s": round(seconds, 3),
             "ratio": round(seconds / base, 2), "peak_rss_after_load_mib": round(rss_loaded),
             "peak_rss_after_analysis_mib": round(peak_rss_mib()),
+            "max_rank": max_rank, "fractions": list(fractions),
             "global_rank": spectrum.global_rank()[0], "pass_3": spectrum.settings["pass_3"],
             "head_fit_features": (spectrum.settings["head_fit"] or {}).get("features"),
             "timings_s": {k: round(v, 3) for k, v in spectrum.settings["timings"].items()}}
@@ -156,16 +158,23 @@ def main() -> None:
                         help="time only this baseline pass (see one_pass_seconds)")
     parser.add_argument("--frozen-only", action="store_true",
                         help="skip the target-gradient and LoRA baselines")
+    parser.add_argument("--max-rank", type=int, default=64,
+                        help="largest rank read per layer (64: what `lorank analyze` reads)")
+    parser.add_argument("--fractions", default="0.25,0.5,1.0",
+                        help="data fractions the signal rank is read at (the default's three)")
     args = parser.parse_args()
+    variant = {"max_rank": args.max_rank,
+               "fractions": tuple(float(f) for f in args.fractions.split(","))}
     tmp = Path(tempfile.mkdtemp())
     if args.model == "smollm2-135m":
         demo = build_demo_data(tmp / "demo.jsonl", n=400)
         row = measure(args.model, args.model, str(demo), None, args.calib, 192,
-                      replay_mb=args.replay_mb, backward=args.backward)
+                      replay_mb=args.replay_mb, backward=args.backward, **variant)
     else:
         task = build_task("wordnet-lexname", tmp / "lexname")
         row = measure(args.model, args.model, str(task["train"]), str(task["val"]),
-                      args.calib, 64, replay_mb=args.replay_mb, backward=args.backward)
+                      args.calib, 64, replay_mb=args.replay_mb, backward=args.backward,
+                      **variant)
     if args.backward is not None:
         json.dump(row, sys.stdout)
         return
