@@ -521,7 +521,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
               "modules_to_save": target_set.modules_to_save or None,
               "steps": steps, "batch_size": batch_size,
               "eval_every": eval_every or max(1, steps // 4),
-              "lora_alpha": DEFAULT_ALPHA if lora_alpha is None else lora_alpha, "use_rslora": True,
+              "lora_alpha": DEFAULT_ALPHA if lora_alpha is None else lora_alpha,
+              "use_rslora": True,
               "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
     if gradient_checkpointing:  # only when on, so studies made before the option keep their identity
         recipe["gradient_checkpointing"] = True

@@ -23,6 +23,7 @@ def say(text: str) -> None:
     (an output directory named "out[bold]" printed as "out")."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+
 ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
                         "or alias: smollm2-135m, minilm-l6")
 CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "

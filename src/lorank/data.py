@@ -146,7 +146,8 @@ def _field_problem(record: dict[str, Any], fmt: str) -> str | None:
     for name in (*FORMATS[fmt], "input"):
         value = record.get(name)
         if name in TEXT_FIELDS and isinstance(value, (list, dict)):
-            return f"field '{name}': expected text, got a JSON {'list' if isinstance(value, list) else 'object'}"
+            kind = "list" if isinstance(value, list) else "object"
+            return f"field '{name}': expected text, got a JSON {kind}"
     if fmt == "classification" and isinstance(record["label"], (list, dict)):
         return "field 'label': expected a class name or number"
     if fmt == "chat":

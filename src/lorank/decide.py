@@ -147,8 +147,9 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         rationale.append(
             f"rank {rank} is above the capacity ceiling {ceiling}, a loose bound (every bit "
             "to learn stored at an adapter's full capacity, which short LoRA runs do not "
-            "reach); not used to cap the rank" + ("; an estimate more than 4x above it is given low confidence"
-                                 if far_above and forced_rank is None else ""))
+            "reach); not used to cap the rank"
+            + ("; an estimate more than 4x above it is given low confidence"
+               if far_above and forced_rank is None else ""))
     for e in evidence:
         if e.kind == "ceiling":
             rationale += [n for n in e.notes if n not in rationale]

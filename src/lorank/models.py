@@ -166,16 +166,16 @@ def load_model(
     Weights the checkpoint lacks (a classification head) are initialized from `seed`, inside a
     forked RNG: otherwise every process, e.g. each sweep worker, would start from its own head.
     """
-    directory, gguf_file, default_task = resolve_source(source)
+    resolved = resolve_source(source)
+    task = task or _task_of(*resolved, trust_remote_code)
+    if task not in TASKS:
+        raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
+    directory, gguf_file, _ = resolved
     if gguf_file is not None:
         directory = _dequantized_gguf(directory, gguf_file)
     from_hub = not Path(directory).exists()  # a cached hub id: read the cache, never the network
     hub = {"local_files_only": True} if from_hub else {}
     with hub_offline() if from_hub else contextlib.nullcontext():
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **hub)
-        task = task or default_task or _task_from_config(config)
-        if task not in TASKS:
-            raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
                                                   **hub)
         if tokenizer.pad_token_id is None:
@@ -204,9 +204,14 @@ def load_model(
 def model_task(source: str, trust_remote_code: bool = False) -> str:
     """'causal' or 'classification': what `load_model` loads `source` as by default, read from
     its config alone (no weights)."""
-    directory, gguf_file, task = resolve_source(source)
-    if task is not None:
-        return task
+    return _task_of(*resolve_source(source), trust_remote_code)
+
+
+def _task_of(directory: str, gguf_file: str | None, default_task: str | None,
+             trust_remote_code: bool) -> str:
+    """The task of a resolved source: its alias's, else its config's."""
+    if default_task is not None:
+        return default_task
     if gguf_file is not None:  # transformers reads GGUF files as language models only
         return "causal"
     from_hub = not Path(directory).exists()

@@ -102,14 +102,14 @@ def layer_kinds(names: list[str]) -> dict[str, str]:
     shortened to the fewest trailing names that still tell kinds apart. Llama's q_proj stays
     "q_proj"; BERT's three "dense" layers become "attention.output.dense", "intermediate.dense"
     and "output.dense" rather than one group."""
-    paths = {n: _BLOCK.split(f".{n}")[-1].strip(".").split(".") for n in names}
-    full = {".".join(p) for p in paths.values()}
+    paths = {n: _BLOCK.split(f".{n}")[-1].strip(".") for n in names}
+    full = set(paths.values())
     depth = dict.fromkeys(full, 1)
     while True:
         short = {f: ".".join(f.split(".")[-depth[f]:]) for f in full}
         clash = {f for f in full for g in full if f != g and short[f] == short[g]}
         if not clash:
-            return {n: short[".".join(p)] for n, p in paths.items()}
+            return {n: short[p] for n, p in paths.items()}
         for f in clash:
             depth[f] += 1
 
