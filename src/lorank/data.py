@@ -143,7 +143,7 @@ def _field_problem(record: dict[str, Any], fmt: str) -> str | None:
     """What is wrong with a record's values for `fmt` (None if nothing): a list or an object
     where text belongs would otherwise be tokenized as its Python repr, and a malformed chat
     message fail deep inside the tokenizer's template."""
-    for name in (*FORMATS[fmt], "input"):
+    for name in (*FORMATS[fmt], *(("input",) if fmt == "alpaca" else ())):  # alpaca's optional
         value = record.get(name)
         if name in TEXT_FIELDS and isinstance(value, (list, dict)):
             kind = "list" if isinstance(value, list) else "object"
