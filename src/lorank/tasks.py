@@ -584,12 +584,15 @@ def build_code_docstring(n_train: int, n_val: int, seed: int) -> tuple[Rows, Row
 _SMOL_LRS = (2e-3, 8e-3)
 
 
-def _facts_spec(n: int) -> TaskSpec:
+def _facts_spec(n: int, epochs: int = 3) -> TaskSpec:
     # Three passes over the facts at every size: memorizing needs repetitions, and the sizes
-    # must differ in how much there is to store, not in how often each fact was seen.
+    # must differ in how much there is to store, not in how often each fact was seen. The same
+    # facts at another number of passes (`epochs`) is the ladder's recipe axis: one dataset,
+    # two planned runs, so the effect of the run's length on r* is measured, not assumed.
     batch = 16
+    suffix = "" if epochs == 3 else f"-{epochs}ep"
     return TaskSpec(
-        name=f"facts-{n}",
+        name=f"facts-{n}{suffix}",
         description=f"{n} acronym expansions (V.E.R.A.), trained as 'Acronym: X / Expansion:', "
         f"validated on {min(n, 300)} of the same facts as 'What does X stand for?'",
         model="smollm2-135m",
@@ -600,7 +603,7 @@ def _facts_spec(n: int) -> TaskSpec:
         n_val=min(n, 300),
         max_length=64,
         batch_size=batch,
-        steps=-(-3 * n // batch),
+        steps=-(-epochs * n // batch),
         # 8e-3 beat 2e-3 by 2 nats at ranks 1-8 of facts-100's first runs, so facts-100 added
         # 3.2e-2 to bracket it; 3.2e-2 then lost or diverged at every rank (by 9+ nats at r=8,
         # NaN at r >= 16). The larger sizes take 3x and 10x the steps at the same lr, which
@@ -622,7 +625,8 @@ def _facts_spec(n: int) -> TaskSpec:
         mean_tokens=16.3,
         n_evals=2,
         expected_rank="grows with size (memorization)",
-        notes="3 epochs at every size; facts-1000 takes far more than an hour on 2 CPU cores "
+        notes=f"{epochs} pass{'es' if epochs != 1 else ''} over the facts (the ladder facts-100/300/"
+        "1000 takes 3 at every size); facts-1000 takes far more than an hour on 2 CPU cores "
         "(see est_sweep_hours): run it over several sessions (the sweep resumes) or on a GPU.",
     )
 
@@ -651,6 +655,7 @@ TASKS: dict[str, TaskSpec] = {
         _facts_spec(100),
         _facts_spec(300),
         _facts_spec(1000),
+        _facts_spec(300, epochs=1),
         TaskSpec(
             name="code-docstring",
             description="short Python stdlib function (code without docstring) -> first line "
