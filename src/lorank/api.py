@@ -21,9 +21,10 @@ from lorank import data as data_mod
 from lorank.decide import Recommendation, candidate_ranks, decide
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
-from lorank.estimators.capacity import capacity_evidence
+from lorank.estimators.capacity import capacity_evidence, frozen_head_bits, load_calibration
 from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
+from lorank.planned_run import PlannedRun
 from lorank.report import atomic_write_text
 from lorank.targets import TargetSet, resolve_targets
 
@@ -78,7 +79,7 @@ def prepare_inputs(model: str | LoadedModel, data: str | Path, *, fmt: str | Non
 def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all-linear",
               fmt: str | None = None, val_data: str | Path | None = None, max_length: int = 512,
               rank: int | None = None, max_rank: int = 256, batch_size: int = 8, seed: int = 0,
-              profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
+              epochs: float | None = None, steps: int | None = None, profile_sample: int = 64, estimators: tuple[str, ...] = DEFAULT_ESTIMATORS,
               budget: str | int | None = None, probe_method: str = "svd",
               probe_max_rank: int = 64, lr: float | Sequence[float] = 1e-3,
               calib: int = 256, sketch_check: bool = False,
@@ -88,12 +89,16 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
 
+    The planned run (`epochs` or `steps`, `batch_size`, `lr`; neither length given means
+    DEFAULT_EPOCHS) is an input of the estimates and is recorded in `inputs["planned_run"]`.
     `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
     or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
     `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
     decides. `rank` forces a rank and only checks it against the targets (the evidence is
     still reported).
     """
+    planned = PlannedRun(epochs=epochs, steps=steps, batch_size=batch_size,
+                         lr=lr if isinstance(lr, (int, float)) else None)
     if budget is not None and "probe" not in estimators:
         estimators = (*estimators, "probe")
     if "probe" in estimators:  # the probe's options, checked before anything is measured
@@ -106,6 +111,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
                                       max_length=max_length, seed=seed, dtype=dtype, device=device,
                                       trust_remote_code=trust_remote_code)
+    if "probe" in estimators and budget in (None, "auto") and (epochs or steps):
+        budget = str(planned.steps_over(len(prepared.train)))  # the probe trains the planned run
     target_set = resolve_targets(loaded.model, targets)
     if rank is not None:
         target_set.check_rank(rank)
@@ -128,13 +135,15 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     for name in estimators:
         evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
                                       batch_size=batch_size, seed=seed, progress=progress,
-                                      profile_seconds=profile_seconds, probe=probe_opts))
+                                      profile_seconds=profile_seconds, probe=probe_opts,
+                                      run=planned))
     seq_len = int(prof.length_percentiles["p90"])
     inputs: dict[str, Any] = {
         "model": loaded.source, "model_path": loaded.path, "data": str(data),
         "val_data": str(val_data) if val_data else None, "data_hash": prepared.data_hash,
         "format": prepared.fmt, "targets": targets, "max_length": max_length, "seed": seed,
-        "batch_size": batch_size, "profile": prof.to_dict(), "versions": versions(),
+        "batch_size": batch_size, "planned_run": planned.to_dict(prof.examples),
+        "profile": prof.to_dict(), "versions": versions(),
     }
     rec = decide(evidence, target_set, ranks=ranks, task=prepared.task, batch_size=batch_size,
                  seq_len=seq_len, inputs=inputs, forced_rank=rank)
@@ -146,10 +155,17 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
 def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedData,
                   prof: data_mod.DataProfile, targets: TargetSet, ranks: list[int], *,
                   batch_size: int, seed: int, progress: bool, profile_seconds: float,
-                  probe: dict[str, Any] | None = None) -> Evidence:
+                  probe: dict[str, Any] | None = None, run: PlannedRun | None = None
+                  ) -> Evidence:
     """Dispatch one estimator by name."""
     if name == "capacity":
-        return capacity_evidence(prof, targets, ranks, seconds=profile_seconds)
+        start = time.perf_counter()
+        head = frozen_head_bits(loaded.model, prepared.train, pad_token_id=loaded.pad_token_id,
+                                batch_size=batch_size, seed=seed) \
+            if prepared.task == "classification" else None
+        return capacity_evidence(prof, targets, ranks, run=run, head=head,
+                                 calibration=load_calibration(),
+                                 seconds=profile_seconds + time.perf_counter() - start)
     if name == "gradient":
         gradient = (probe or {}).get("gradient", {})
         return run_gradient(loaded, prepared, targets, calib=gradient.get("calib", 256),

@@ -21,6 +21,12 @@ import numpy as np
 import optuna
 
 from lorank.errors import LorankError
+from lorank.estimators.capacity import (
+    CalibrationRow,
+    efficiency_for,
+    load_calibration,
+    pick_rank,
+)
 from lorank.report import atomic_write_text, plot_rank_curve
 from lorank.scoring import RightRank, curve_right_rank, score, score_run
 
@@ -183,6 +189,12 @@ def score_task(task_dir: Path) -> dict[str, Any]:
         steps = (ev.get("details") or {}).get("cost", {}).get("cost_steps")
         # a probe prices itself in training steps at its own pace (machine load cancels out)
         cost = (steps if steps is not None else ev.get("cost_seconds", 0.0) / sec_step) / full
+        held_out = held_out_capacity_pick(ev, task_dir.name, sweep) \
+            if path.name == "capacity.json" else None
+        if held_out is not None:  # scored held out: the fit made without this task
+            rows.append(score("lorank capacity (default, held out)", held_out, right, params,
+                              cost))
+            continue
         rows.append(score(f"lorank {ev['name']}", ev["suggested_rank"], right, params, cost)
                     | (probe_cost_split(ev["details"]) if steps is not None else {}))
         if steps is not None:
@@ -214,6 +226,20 @@ def score_task(task_dir: Path) -> dict[str, Any]:
                          "nested": replay_lr_pilot(sweep)},
             "seconds_per_step": sec_step, "full_sweep_steps": full,
             "sweep_wall_hours": sum(t.get("wall_seconds") or 0 for t in sweep["trials"]) / 3600}
+
+
+def held_out_capacity_pick(ev: dict[str, Any], task: str, sweep: dict[str, Any]) -> int | None:
+    """The capacity estimate's pick on `task` with the efficiency fitted without it (the
+    shipped fit where the task was never in it), from the stored bits and adapter sizes; None
+    where no fit is installed or the evidence lacks them."""
+    details = ev.get("details") or {}
+    eff = efficiency_for(load_calibration(), exclude_task=task)
+    if eff is None or "total_bits" not in details or "adapter_params" not in details:
+        return None
+    recipe, n_train = sweep["spec"]["recipe"], sweep["meta"]["n_train"]
+    epochs = details.get("epochs") or recipe["steps"] * recipe["batch_size"] / n_train
+    params = {int(r): float(p) for r, p in details["adapter_params"].items()}
+    return pick_rank(float(details["total_bits"]), params, eff.bits_per_param(epochs))
 
 
 def single_lr_picks(sweep: dict[str, Any], right: RightRank,
@@ -361,6 +387,35 @@ def probe_curves(task_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
             curves[f"{name} (one run)"] = {int(r): row for r, row in curve.items()
                                            if row and np.isfinite(row.get("loss", np.nan))}
     return curves
+
+
+def acceptable_ranks(right: RightRank) -> list[int]:
+    """Every rank within tolerance of the best: the ranks a pick may land on without regret."""
+    return [r for r in right.ranks if right.L[r] <= right.L_best + right.tol[r]]
+
+
+def calibration_rows(results: Path) -> list[CalibrationRow]:
+    """The capacity fit's data: per complete sweep with a stored capacity measurement, its
+    bits to learn, adapter sizes, acceptable ranks, r* and the recipe's epochs."""
+    rows = []
+    pending = pending_tasks(results)
+    for task_dir in sorted(p for p in Path(results).iterdir() if (p / "sweep.json").exists()):
+        cap_path = task_dir / "estimators" / "capacity.json"
+        if task_dir.name in pending or not cap_path.exists():
+            continue
+        sweep, cap = load_sweep(task_dir), json.loads(cap_path.read_text())
+        right = truth(sweep)
+        recipe, meta = sweep["spec"]["recipe"], sweep["meta"]
+        rows.append(CalibrationRow(
+            task=task_dir.name,
+            kind="classification" if meta.get("format") == "classification" else "generation",
+            bits=float(cap["details"]["total_bits"]),
+            params={int(r): float(p) for r, p in cap["details"]["adapter_params"].items()},
+            acceptable=acceptable_ranks(right), r_star=right.r_star,
+            epochs=round(recipe["steps"] * recipe["batch_size"] / meta["n_train"], 4),
+            losses=dict(right.L),
+            data_hash=meta.get("data_hash", "")))
+    return rows
 
 
 def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]:
@@ -549,6 +604,8 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
         probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]),
                  "lr": list(info["lrs"]),
                  "batch_size": info["batch_size"], "probe_method": method} if method else {}
+        if name == "capacity":  # the task's recipe is the planned run
+            probe = {"steps": info["steps"], "batch_size": info["batch_size"]}
         rec = recommend(info["model"], task_dir / "data" / "train.jsonl",
                         val_data=task_dir / "data" / "val.jsonl", max_length=info["max_length"],
                         targets=info.get("targets", "all-linear"), estimators=(estimator,),

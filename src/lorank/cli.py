@@ -31,6 +31,9 @@ CalibOpt = typer.Option(256, help="calibration examples for the gradient spectru
 BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
                              help="svd: one plain adapter read by SVD truncation; nested: "
                              "nested-dropout training (DyLoRA)")
+EpochsOpt = typer.Option(None, help="the planned run: passes over the training data (or "
+                         "--steps) [3, the Trainer's default]")
+StepsOpt = typer.Option(None, min=1, help="the planned run: optimizer steps, instead of --epochs")
 RemoteCodeOpt = typer.Option(False, help="allow the model's own code to run (off by default)")
 DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
                        "them, or a cached `datasets` name")
@@ -48,7 +51,10 @@ def recommend(
     max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
     rank: int = typer.Option(None, min=1, help="force this rank (checked against the targets)"),
     max_rank: int = typer.Option(256, min=1, help="largest candidate rank"),
-    batch_size: int = typer.Option(8, min=1, help="batch size for measurements and the memory model"),
+    batch_size: int = typer.Option(8, min=1, help="the planned run's batch size (also of the "
+                                   "measurements and the memory model)"),
+    epochs: float = EpochsOpt,
+    steps: int = StepsOpt,
     seed: int = typer.Option(0, help="seed: same seed, same inputs -> same recommendation"),
     out: Path = typer.Option(Path("lorank-out"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -67,7 +73,8 @@ def recommend(
 ) -> None:
     """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               rank=rank, max_rank=max_rank, batch_size=batch_size, seed=seed, out=out,
+               rank=rank, max_rank=max_rank, batch_size=batch_size, epochs=epochs, steps=steps,
+               seed=seed, out=out,
                dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
                probe_method=probe_method, probe_max_rank=probe_max_rank, lr=_lrs(lr), calib=calib,
                sweep=sweep, progress=not quiet)
@@ -83,7 +90,10 @@ def analyze(
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
     max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
-    batch_size: int = typer.Option(8, min=1, help="batch size of the forward/backward passes"),
+    batch_size: int = typer.Option(8, min=1, help="the planned run's batch size (also of the "
+                                   "forward/backward passes)"),
+    epochs: float = EpochsOpt,
+    steps: int = StepsOpt,
     sketch_check: bool = typer.Option(False, help="report each sketched layer's principal "
                                       "angles to an independent replica sketch (costs more)"),
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
@@ -99,7 +109,8 @@ def analyze(
 ) -> None:
     """Rank from the data before any training: the gradient spectrum, per layer and overall."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
+               batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
+               dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
                gradient_max_rank=max_rank, sketch_check=sketch_check,
                gradient_replay_mb=replay_mb, progress=not quiet)
@@ -131,14 +142,16 @@ def probe(
     val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
     max_rank: int = typer.Option(64, min=1, help="rank the probe trains at; every rank below is read"),
     budget: str = typer.Option(None, help="training steps (200) or minutes (10m); default "
-                               "about one epoch"),
+                               "the planned run (--epochs/--steps), else about one epoch"),
     method: str = BUDGET_METHOD,
     lr: str = typer.Option("1e-3", help="learning rate; several (2e-3,8e-3): a short pilot "
                            "at the middle rank picks one"),
     targets: str = typer.Option("all-linear", help="as in `recommend`"),
     fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
     max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
-    batch_size: int = typer.Option(8, min=1, help="batch size per step"),
+    batch_size: int = typer.Option(8, min=1, help="the planned run's batch size per step"),
+    epochs: float = EpochsOpt,
+    steps: int = StepsOpt,
     seed: int = typer.Option(0, help="seed"),
     out: Path = typer.Option(Path("lorank-probe"), help="output directory"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
@@ -148,7 +161,8 @@ def probe(
 ) -> None:
     """The whole rank–loss curve from one training run; recommend from it alone."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               batch_size=batch_size, seed=seed, out=out, dtype=dtype, device=device,
+               batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
+               dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("capacity", "probe"),
                budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr), progress=not quiet)
 

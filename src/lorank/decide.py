@@ -18,6 +18,8 @@ from lorank.targets import CANDIDATE_RANKS, TargetSet, adapter_bytes, memory_est
 DEFAULT_ALPHA = 8.0  # = lorank.train.DEFAULT_ALPHA; rsLoRA scale alpha / sqrt(r), fixed alpha
 DEFAULT_RSLORA = True
 CURVE_TRUST = ("sweep", "probe", "svd-probe")
+# a data estimate calibrated on the benchmark's sweeps before one that is not
+ESTIMATE_TRUST = ("capacity", "gradient")
 
 
 @dataclass
@@ -111,18 +113,35 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
                     f"{chosen.suggested_rank}: trusting {chosen.name}, which measures the "
                     "validation loss itself; the other reads the data before training")
     elif by_kind["estimate"]:
-        chosen = by_kind["estimate"][0]
+        estimates = sorted(by_kind["estimate"], key=lambda e: _trust(e.name, ESTIMATE_TRUST))
+        chosen = estimates[0]
         rank = snap_up(chosen.suggested_rank, ranks)
-        pattern = dict(chosen.rank_pattern)
         lo, hi = chosen.interval or (rank, rank)
-        confidence = "medium" if hi <= 4 * max(lo, 1) else "low"
-        capped = any("reach max_rank" in n for n in chosen.notes)
-        far_above = ceiling is not None and rank > 4 * ceiling
-        if capped or far_above:
-            confidence = "low"  # an estimate at its own limit, or far above the ceiling
-        rationale.append(f"{chosen.name}: the data asks for about {chosen.suggested_rank} "
-                         f"directions (range {lo}–{hi}); rounded up to rank {rank}")
-        rationale += chosen.notes
+        if chosen.name == "capacity":
+            confidence, reason = calibrated_confidence(chosen.details.get("held_out_record"))
+            rationale.append(f"capacity: the data holds about {chosen.details['total_bits']:,.0f} "
+                             f"bits to learn; at the {chosen.details['bits_per_param']:.4f} bits "
+                             f"per parameter the benchmark's runs store, rank {rank} holds them "
+                             f"(range {lo}–{hi})")
+            rationale.append(reason)
+        else:
+            pattern = dict(chosen.rank_pattern)
+            confidence = "medium" if hi <= 4 * max(lo, 1) else "low"
+            capped = any("reach max_rank" in n for n in chosen.notes)
+            far_above = ceiling is not None and rank > 4 * ceiling
+            if capped or far_above:
+                confidence = "low"  # an estimate at its own limit, or far above the ceiling
+            rationale.append(f"{chosen.name}: the data asks for about {chosen.suggested_rank} "
+                             f"directions (range {lo}–{hi}); rounded up to rank {rank}")
+        rationale += [n for n in chosen.notes if n not in rationale]
+        for other in estimates[1:]:
+            rationale.append(
+                f"{other.name} says rank {other.suggested_rank}: reported, not used for the "
+                f"rank ({chosen.name} is calibrated on the benchmark's sweeps, "
+                f"{other.name} is not)" + ("; its per-layer ranks are in its evidence, and no "
+                                           "rank_pattern is written: lorank has not yet shown "
+                                           "one to beat a uniform rank" if other.rank_pattern
+                                           else ""))
     elif ceiling is not None:
         rank = snap_up(ceiling, ranks)
         confidence = "low"
@@ -257,7 +276,26 @@ def _disagree(a: int | None, b: int | None) -> bool:
     return a is not None and b is not None and max(a, b) > 4 * max(min(a, b), 1)
 
 
-def _trust(name: str) -> int:
-    return CURVE_TRUST.index(name) if name in CURVE_TRUST else len(CURVE_TRUST)
+def _trust(name: str, order: tuple[str, ...] = CURVE_TRUST) -> int:
+    return order.index(name) if name in order else len(order)
+
+
+CONFIDENCE_LEVELS = ((0.8, "high"), (0.5, "medium"), (0.0, "low"))
+
+
+def calibrated_confidence(record: dict[str, Any] | None) -> tuple[str, str]:
+    """Confidence from a measured hit rate: the share of benchmark tasks on which the same
+    estimator, fitted without the task, picked a rank within tolerance and at most 2x r*
+    (>= 80%: high, >= 50%: medium, else low), and the sentence that says so."""
+    if not record or not record.get("tasks"):
+        return "low", "no held-out record for this estimate: confidence low"
+    n, hits = int(record["tasks"]), int(record["within_tolerance_and_2x"])
+    level = next(name for floor, name in CONFIDENCE_LEVELS if hits / n >= floor)
+    return level, (
+        f"confidence {level}: fitted without the task it was judged on, this estimate picked a "
+        f"rank within tolerance and at most 2x r* on {hits} of {n} benchmark tasks "
+        f"(within tolerance on {record['within_tolerance']}; mean regret "
+        f"{record.get('mean_regret', float('nan')):.1%}, mean waste "
+        f"{record.get('mean_waste', float('nan')):.1f}x)")
 
 

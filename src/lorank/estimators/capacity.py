@@ -1,60 +1,377 @@
-"""Capacity: an upper bound on the rank the data could ever fill.
+"""Capacity: the rank whose adapter can store what the data has to teach, at the rate short
+LoRA runs actually store it.
 
-The bits the base model still pays on the supervised tokens bound what there is to learn (they
-include the text's irreducible entropy, so the bound is loose). An adapter of P parameters holds
-at most about `bits_per_param * P` bits (Allen-Zhu & Li 2024 measure ~2 bits per parameter for
-fully trained language models; a LoRA adapter stores no more). Ranks whose adapters could hold
-all of it at that capacity: a ceiling, never the answer. In practice a loose one: short LoRA
-runs store far less per parameter, and the benchmark's r* is above it on most tasks.
+Bits to learn: for generation, what the base model still pays on the supervised tokens (loss
+in bits x tokens); for a classifier, what its frozen features do not already separate (the
+cross-fitted loss of a linear head on them, in bits, x examples). An adapter of P parameters
+run for the planned number of passes stores about `e x P` bits, where the efficiency `e` (bits
+per parameter at r*) is fitted from the benchmark's sweeps by `benchmarks/calibrate_capacity.py`
+(interval-scored, leave-one-task-out) and shipped in `capacity_fit.json` with the rows it was
+fitted on. The estimate is the smallest candidate rank with `e x P(r) >= bits`.
+
+The full-capacity ceiling (~2 bits per parameter, Allen-Zhu & Li 2024) is kept as a note: short
+LoRA runs store about 200x less, so it bounds memorization, not the rank training needs.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import random
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-from lorank.data import DataProfile
+import numpy as np
+import torch
+
+from lorank.data import DataProfile, collate
 from lorank.estimators.base import Evidence
+from lorank.planned_run import PlannedRun
 from lorank.targets import TargetSet
 
-BITS_PER_PARAM = 2.0
+BITS_PER_PARAM = 2.0  # an adapter's full capacity: the ceiling
+CALIBRATION_FILE = Path(__file__).with_name("capacity_fit.json")
+HEAD_SAMPLE = 512  # examples whose frozen features fit the cross-fitted linear head
+HEAD_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # ridge strengths tried for that head (best cross-fit wins)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Bits stored per adapter parameter at r*: log2 e = `log2_e` + `epochs_slope` x
+    log2(epochs / `reference_epochs`)."""
+
+    log2_e: float
+    epochs_slope: float = 0.0
+    reference_epochs: float = 1.0
+
+    def bits_per_param(self, epochs: float) -> float:
+        return 2.0 ** (self.log2_e + self.epochs_slope
+                       * math.log2(max(epochs, 1e-9) / self.reference_epochs))
+
+
+def pick_rank(bits: float, params: dict[int, float], bits_per_param: float) -> int:
+    """Smallest rank whose adapter stores `bits` at `bits_per_param` (else the largest)."""
+    ranks = sorted(params)
+    for r in ranks:
+        if params[r] * bits_per_param >= bits:
+            return r
+    return ranks[-1]
+
+
+@dataclass
+class CalibrationRow:
+    """One swept task as the fit sees it: its bits, adapter sizes, acceptable ranks, recipe."""
+
+    task: str
+    kind: str  # "generation" | "classification"
+    bits: float
+    params: dict[int, float]
+    acceptable: list[int]
+    r_star: int
+    epochs: float
+    losses: dict[int, float] = field(default_factory=dict)  # best validation loss per rank
+    data_hash: str = ""
+
+    def regret(self, rank: int) -> float:
+        best = min(self.losses.values())
+        return (self.losses[rank] - best) / best if rank in self.losses else float("nan")
+
+    def optimal_log2_e(self) -> float:
+        """log2 of the efficiency that puts the pick exactly at r*."""
+        return math.log2(self.bits / self.params[self.r_star])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = {str(r): p for r, p in self.params.items()}
+        d["losses"] = {str(r): v for r, v in self.losses.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibrationRow:
+        return cls(**{**d, "params": {int(r): float(p) for r, p in d["params"].items()},
+                      "losses": {int(r): float(v) for r, v in d.get("losses", {}).items()}})
+
+
+GRID_STEP = 0.01  # log2 units: the efficiency search's resolution
+
+
+def epochs_slope(rows: list[CalibrationRow]) -> float:
+    """d log2 e / d log2 epochs, from tasks that share data and differ only in the run's length
+    (a within-dataset contrast: the task's kind and text cancel). 0 when no such pair exists."""
+    slopes = []
+    by_data: dict[str, list[CalibrationRow]] = {}
+    for row in rows:
+        if row.data_hash:
+            by_data.setdefault(row.data_hash, []).append(row)
+    for group in by_data.values():
+        group = sorted(group, key=lambda r: r.epochs)
+        for a, b in zip(group, group[1:], strict=False):
+            if b.epochs > a.epochs * 1.2:
+                slopes.append((b.optimal_log2_e() - a.optimal_log2_e())
+                              / math.log2(b.epochs / a.epochs))
+    return float(np.mean(slopes)) if slopes else 0.0
+
+
+def fit_efficiency(rows: list[CalibrationRow]) -> Efficiency:
+    """The efficiency that makes the most of `rows` pick an acceptable rank, then lands closest
+    to r* (summed |log2(pick / r*)|); the middle of the best plateau. The epochs slope comes
+    from same-data pairs first (`epochs_slope`), then the level is searched on a 0.01 grid."""
+    if not rows:
+        raise ValueError("fit_efficiency needs at least one calibration row")
+    slope = epochs_slope(rows)
+    ref = 1.0
+    centre = [r.optimal_log2_e() - slope * math.log2(r.epochs / ref) for r in rows]
+    grid = np.arange(math.floor(min(centre)) - 2, math.ceil(max(centre)) + 2, GRID_STEP)
+    scores = []
+    for a in grid:
+        eff = Efficiency(float(a), slope, ref)
+        picks = [pick_rank(r.bits, r.params, eff.bits_per_param(r.epochs)) for r in rows]
+        hits = sum(p in r.acceptable for p, r in zip(picks, rows, strict=True))
+        dist = sum(abs(math.log2(p / r.r_star)) for p, r in zip(picks, rows, strict=True))
+        scores.append((hits, -round(dist, 9)))
+    best = max(scores)
+    plateau = [a for a, s in zip(grid, scores, strict=True) if s == best]
+    return Efficiency(round(float(plateau[len(plateau) // 2]), 4), round(slope, 4), ref)
+
+
+def leave_one_task_out(rows: list[CalibrationRow]) -> dict[str, dict[str, Any]]:
+    """Each task's pick from the efficiency fitted on all the other tasks: the honest score
+    of the fit (it never sees the task it is judged on)."""
+    out = {}
+    for held in rows:
+        others = [r for r in rows if r is not held]
+        if not others:
+            continue
+        eff = fit_efficiency(others)
+        pick = pick_rank(held.bits, held.params, eff.bits_per_param(held.epochs))
+        out[held.task] = {"efficiency": asdict(eff), "fitted_on": [r.task for r in others],
+                          "pick": pick, "r_star": held.r_star,
+                          "regret": held.regret(pick),
+                          "waste": held.params[pick] / held.params[held.r_star],
+                          "acceptable": pick in held.acceptable,
+                          "within_2x": pick in held.acceptable and pick <= 2 * held.r_star}
+    return out
+
+
+def calibrate(rows: list[CalibrationRow]) -> dict[str, Any]:
+    """Everything `capacity_fit.json` holds: one efficiency for every kind of task (bits to
+    learn are counted per kind, stored bits per parameter are not), the leave-one-task-out
+    record, and the rows it was fitted on."""
+    loto = leave_one_task_out(rows)
+    held = list(loto.values())
+    return {
+        "model": "log2 e = log2_e + epochs_slope * log2(epochs / reference_epochs); pick = "
+                 "smallest rank with e * adapter_params(rank) >= bits to learn",
+        "efficiency": asdict(fit_efficiency(rows)),
+        "tasks": [r.task for r in rows],
+        "leave_one_task_out": loto,
+        "loto_summary": {"tasks": len(held),
+                         "within_tolerance": sum(v["acceptable"] for v in held),
+                         "within_tolerance_and_2x": sum(v["within_2x"] for v in held),
+                         "exact": sum(v["pick"] == v["r_star"] for v in held),
+                         "mean_regret": float(np.mean([v["regret"] for v in held])) if held
+                         else float("nan"),
+                         "mean_waste": float(np.mean([v["waste"] for v in held])) if held
+                         else float("nan")},
+        "rows": [r.to_dict() for r in rows],
+    }
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> dict[str, Any] | None:
+    """The shipped fit, or None where none was made (then capacity gives the ceiling only)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def efficiency_for(calibration: dict[str, Any] | None, exclude_task: str | None = None
+                   ) -> Efficiency | None:
+    """The fitted efficiency; with `exclude_task`, the one fitted without that task (the
+    benchmark's held-out score; a task the fit never saw gets the full fit, held out too)."""
+    if calibration is None:
+        return None
+    if exclude_task is not None:
+        loto = calibration.get("leave_one_task_out", {}).get(exclude_task)
+        if loto is not None:
+            return Efficiency(**loto["efficiency"])
+    return Efficiency(**calibration["efficiency"])
+
+
+# --------------------------------------------------------------------------- bits to learn
+
+
+@torch.no_grad()
+def frozen_head_bits(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
+                     batch_size: int = 8, seed: int = 0, sample: int = HEAD_SAMPLE
+                     ) -> dict[str, Any]:
+    """Bits per example a classifier's frozen features leave unexplained: a linear head fitted
+    on one half of a seeded sample and scored on the other (and back), in bits. What a LoRA
+    adapter has to add is what these features do not already separate, not the label entropy.
+    """
+    from lorank.estimators.gradient import (
+        _head_features,
+        _head_input_hook,
+        find_classification_head,
+    )
+
+    picked = random.Random(seed).sample(examples, min(sample, len(examples)))
+    picked.sort(key=lambda e: len(e["input_ids"]))
+    _, head = find_classification_head(model)
+    device = next(model.parameters()).device
+    seen: dict[str, Any] = {}
+    handle = head.register_forward_hook(_head_input_hook(seen))
+    was_training = model.training
+    model.eval()
+    xs, ys = [], []
+    try:
+        for b in range(0, len(picked), batch_size):
+            batch = {k: v.to(device)
+                     for k, v in collate(picked[b:b + batch_size], pad_token_id).items()}
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            f = _head_features(seen, batch)
+            xs.append(f["x"].cpu())
+            ys.append(f["y"].cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    x, y = torch.cat(xs).double(), torch.cat(ys)
+    n_classes = int(getattr(model.config, "num_labels", 0) or int(y.max()) + 1)
+    return {"bits_per_example": cross_fitted_bits(x, y, n_classes, seed=seed),
+            "examples": len(picked)}
+
+
+def cross_fitted_bits(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, seed: int = 0
+                      ) -> float:
+    """Mean held-out cross-entropy (bits) of a ridge-regularized multinomial logistic head,
+    two folds, the ridge strength the one that cross-fits best."""
+    n = len(y)
+    if n < 4:
+        return math.log2(max(n_classes, 2))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    folds = (order[: n // 2], order[n // 2:])
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    best = math.inf
+    for l2 in HEAD_L2:
+        total = 0.0
+        for train, test in (folds, folds[::-1]):
+            w = _fit_logistic(z[train], y[train], n_classes, l2)
+            logits = torch.cat([z[test], torch.ones(len(test), 1, dtype=z.dtype)], 1) @ w
+            total += float(torch.nn.functional.cross_entropy(logits, y[test], reduction="sum"))
+        best = min(best, total / n / math.log(2))
+    return best
+
+
+def _fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> torch.Tensor:
+    """Weights (d+1, C) of a multinomial logistic regression, by L-BFGS (deterministic)."""
+    zb = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+    w = torch.zeros(zb.shape[1], n_classes, dtype=z.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(zb @ w, y) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
+# --------------------------------------------------------------------------- the evidence
+
+
+@dataclass
+class BitsToLearn:
+    bits: float
+    source: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def bits_to_learn(profile: DataProfile, head: dict[str, Any] | None = None) -> BitsToLearn:
+    """What the adapter has to store, by kind of task (see the module docstring)."""
+    if profile.task == "classification":
+        if head is not None:
+            per = float(head["bits_per_example"])
+            return BitsToLearn(per * profile.examples,
+                               f"frozen features' cross-fitted head loss {per:.3f} bits/example "
+                               f"({head['examples']} sampled) x {profile.examples:,} examples",
+                               {"frozen_head_bits_per_example": per,
+                                "label_entropy_bits": profile.label_entropy_bits})
+        return BitsToLearn(profile.total_bits, "label entropy x examples (no frozen-feature fit: "
+                           "an overestimate)")
+    return BitsToLearn(profile.total_bits,
+                       f"base-model loss {profile.base_loss_bits or 0:.3f} bits/token on "
+                       f"{profile.base_loss_sample} sampled examples x "
+                       f"{profile.supervised_tokens:,} supervised tokens")
 
 
 def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int], *,
-                      bits_per_param: float = BITS_PER_PARAM, seconds: float = 0.0) -> Evidence:
-    """Ceiling rank: smallest candidate whose adapter could store every bit there is to learn."""
+                      run: PlannedRun | None = None, head: dict[str, Any] | None = None,
+                      calibration: dict[str, Any] | None = None, seconds: float = 0.0,
+                      exclude_task: str | None = None) -> Evidence:
+    """The calibrated capacity estimate (kind "estimate"), or the full-capacity ceiling
+    (kind "ceiling") where no calibration exists."""
     start = time.perf_counter()
-    bits = profile.total_bits
-    adapter = {r: targets.params(r) - targets.head_params for r in ranks}
-    per_rank = {}
-    ceiling = None
-    for r in ranks:
-        fill = bits / (bits_per_param * adapter[r])
-        per_rank[r] = "can hold all" if fill <= 1 else f"≤{100 / fill:.0f}% of data"
-        if fill <= 1 and ceiling is None:
-            ceiling = r
+    run = run or PlannedRun()
+    learn = bits_to_learn(profile, head)
+    bits = learn.bits
+    adapter = {r: float(targets.params(r) - targets.head_params) for r in ranks}
+    epochs = run.epochs_over(profile.examples)
+    ceiling = pick_rank(bits, adapter, BITS_PER_PARAM) if bits <= adapter[ranks[-1]] \
+        * BITS_PER_PARAM else None
+    eff = efficiency_for(calibration, exclude_task)
+    details: dict[str, Any] = {"total_bits": bits, "bits_source": learn.source, **learn.details,
+                               "epochs": epochs, "ceiling_rank": ceiling,
+                               "adapter_params": {str(r): p for r, p in adapter.items()}}
+    assumptions = [f"bits to learn = {learn.source}"]
     notes = []
-    if ceiling is None:
-        notes.append(f"even rank {ranks[-1]} cannot hold all {bits:,.0f} bits: no ceiling below it")
-    else:
-        notes.append(
-            f"{bits:,.0f} bits to learn fit in rank {ceiling} at {bits_per_param:g} bits/param, "
-            "an adapter's full capacity; short LoRA runs store far less per parameter, so this "
-            "bounds memorization, not the rank training needs (the benchmark's r* is above it on "
-            "most tasks)"
-        )
-    source = ("label entropy x examples" if profile.task == "classification"
-              else f"base-model loss {profile.base_loss_bits:.3f} bits/token on "
-                   f"{profile.base_loss_sample} sampled examples x {profile.supervised_tokens:,} "
-                   "supervised tokens")
-    return Evidence(
-        name="capacity", kind="ceiling", suggested_rank=ceiling,
-        interval=(1, ceiling) if ceiling else None, per_rank=per_rank,
-        assumptions=[
-            f"bits to learn = {source} (includes irreducible entropy: an overestimate)",
-            f"an adapter stores at most {bits_per_param:g} bits per parameter",
-        ],
-        notes=notes,
-        details={"total_bits": bits, "bits_per_param": bits_per_param,
-                 "adapter_params": {str(r): p for r, p in adapter.items()}},
-        cost_seconds=seconds + time.perf_counter() - start,
-    )
+    if eff is None:
+        per_rank = {r: "can hold all" if adapter[r] * BITS_PER_PARAM >= bits else
+                    f"≤{100 * adapter[r] * BITS_PER_PARAM / bits:.0f}% of data" for r in ranks}
+        assumptions.append(f"an adapter stores at most {BITS_PER_PARAM:g} bits per parameter")
+        notes.append(f"{bits:,.0f} bits to learn fit in rank {ceiling} at full capacity; no "
+                     "calibrated efficiency is installed, so this is a loose ceiling only")
+        return Evidence(name="capacity", kind="ceiling", suggested_rank=ceiling,
+                        interval=(1, ceiling) if ceiling else None, per_rank=per_rank,
+                        assumptions=assumptions, notes=notes,
+                        details=details | {"bits_per_param": BITS_PER_PARAM},
+                        cost_seconds=seconds + time.perf_counter() - start)
+    e = eff.bits_per_param(epochs)
+    rank = pick_rank(bits, adapter, e)
+    spread = _spread(calibration)
+    lo_rank = pick_rank(bits, adapter, e * 2 ** spread)
+    hi_rank = pick_rank(bits, adapter, e * 2 ** -spread)
+    per_rank = {r: f"{min(adapter[r] * e / bits, 9.99):.0%} of the bits" for r in ranks}
+    assumptions.append(
+        f"a planned run of {epochs:.2g} epochs stores {e:.4f} bits per adapter parameter "
+        f"(fitted on {len(calibration['tasks'])} benchmark tasks; "
+        f"{BITS_PER_PARAM:g} would be an adapter's full capacity)")
+    notes.append(f"{bits:,.0f} bits to learn at {e:.4f} bits/param: rank {rank} holds them "
+                 f"(range {lo_rank}–{hi_rank} over the calibration tasks' spread)")
+    if eff.epochs_slope == 0.0:
+        notes.append("the calibration has no same-data pair at two run lengths yet, so the "
+                     "planned run's length does not move this estimate")
+    details.update(efficiency=asdict(eff), bits_per_param=e, spread_log2=spread,
+                   calibration_tasks=calibration["tasks"],
+                   held_out_record=calibration.get("loto_summary"),
+                   held_out=exclude_task)
+    return Evidence(name="capacity", kind="estimate", suggested_rank=rank,
+                    interval=(lo_rank, hi_rank), per_rank=per_rank, assumptions=assumptions,
+                    notes=notes, details=details,
+                    cost_seconds=seconds + time.perf_counter() - start)
+
+
+def _spread(calibration: dict[str, Any]) -> float:
+    """Half the 10-90% range (log2) of the calibration tasks' own r*-efficiencies: how far one
+    task's efficiency strays from the fit's."""
+    rows = [CalibrationRow.from_dict(r) for r in calibration.get("rows", [])]
+    if len(rows) < 2:
+        return 1.0
+    values = np.array([r.optimal_log2_e() for r in rows])
+    return float((np.percentile(values, 90) - np.percentile(values, 10)) / 2)

@@ -1,0 +1,59 @@
+"""The fine-tuning run the user plans: r* belongs to it, so every estimate takes it as input.
+
+The same data trained three times as long can need another rank (DESIGN.md), so `recommend`,
+`analyze` and `probe` take the planned run (`--epochs` or `--steps`, `--batch-size`, `--lr`),
+the estimators read it, and `recommendation.json` records it under `inputs.planned_run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lorank.errors import LorankError
+
+DEFAULT_EPOCHS = 3.0  # transformers' TrainingArguments.num_train_epochs, which TRL inherits
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """How long, how wide and how fast the user will train: `epochs` or `steps` (not both;
+    neither means DEFAULT_EPOCHS), the batch size per step, and the learning rate if known."""
+
+    epochs: float | None = None
+    steps: int | None = None
+    batch_size: int = 8
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.steps is not None:
+            raise LorankError("--epochs and --steps both given: the planned run is one or the "
+                              "other")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise LorankError(f"--epochs {self.epochs}: expected a positive number")
+        if self.steps is not None and self.steps < 1:
+            raise LorankError(f"--steps {self.steps}: expected a positive whole number")
+        if self.batch_size < 1:
+            raise LorankError(f"--batch-size {self.batch_size}: expected a positive whole number")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise LorankError(f"--lr {self.lr}: expected a positive learning rate")
+
+    def epochs_over(self, n_train: int) -> float:
+        """Passes over `n_train` training examples the run makes."""
+        if self.steps is not None:
+            return self.steps * self.batch_size / max(n_train, 1)
+        return float(self.epochs if self.epochs is not None else DEFAULT_EPOCHS)
+
+    def steps_over(self, n_train: int) -> int:
+        """Optimizer steps the run takes over `n_train` examples."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs_over(n_train) * n_train / self.batch_size))
+
+    def to_dict(self, n_train: int) -> dict[str, Any]:
+        """As recorded in recommendation.json: what was given, and what it comes to."""
+        return {"epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
+                "lr": self.lr, "epochs_over_data": round(self.epochs_over(n_train), 4),
+                "steps_over_data": self.steps_over(n_train),
+                "default_epochs_used": self.epochs is None and self.steps is None}
