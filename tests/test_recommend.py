@@ -77,14 +77,25 @@ def test_recommend_is_deterministic(tiny_llama_dir, pc_data):
     assert [e["suggested_rank"] for e in a.evidence] == [e["suggested_rank"] for e in b.evidence]
 
 
-def test_capacity_ceiling_grows_with_data(tiny_llama_dir, tmp_path):
+def test_capacity_estimate_grows_with_data_and_records_the_planned_run(tiny_llama_dir, tmp_path):
+    """More to learn, a rank no lower; the default decides from the calibrated capacity
+    estimate, and the planned run is recorded (steps x batch over the examples = epochs)."""
     from conftest import write_jsonl
 
-    small = write_jsonl(tmp_path / "s.jsonl", [{"text": f"w{i} " * 3} for i in range(10)])
+    small = write_jsonl(tmp_path / "s.jsonl", [{"text": "w1 "} for _ in range(4)])
     big = write_jsonl(tmp_path / "b.jsonl", [{"text": f"w{i} " * 30} for i in range(400)])
-    r_small = api.recommend(str(tiny_llama_dir), small, progress=False, max_length=128)
-    r_big = api.recommend(str(tiny_llama_dir), big, progress=False, max_length=128)
-    assert r_small.rank < r_big.rank
+    r_small = api.recommend(str(tiny_llama_dir), small, progress=False, max_length=128,
+                            estimators=("capacity",), steps=6, batch_size=2)
+    r_big = api.recommend(str(tiny_llama_dir), big, progress=False, max_length=128,
+                          estimators=("capacity",))
+    bits = [r.evidence[0]["details"]["total_bits"] for r in (r_small, r_big)]
+    assert bits[0] < bits[1] and r_small.rank <= r_big.rank
+    assert r_small.rank < r_big.rank or r_small.rank == r_small.candidates[-1]["rank"]
+    assert r_big.evidence[0]["kind"] == "estimate"
+    assert r_big.rationale[0].startswith("capacity: the data holds about")
+    run = r_small.inputs["planned_run"]
+    assert run["steps"] == 6 and run["batch_size"] == 2
+    assert run["epochs_over_data"] == pytest.approx(6 * 2 / r_small.inputs["profile"]["examples"])
 
 
 def test_recommend_classification(tiny_bert_dir, cls_data, tmp_path):
@@ -149,7 +160,9 @@ def test_gradient_evidence_in_recommend(tiny_llama_dir, pc_data, tmp_path):
     assert len(grad["details"]["layer_table"]) == 14
     assert (out / "gradient_layers.md").read_text().count("model.layers.") == 14
     assert (out / "gradient_q_proj.png").stat().st_size > 0
-    assert "gradient" in rec.rationale[0]
+    assert rec.rationale[0].startswith("capacity:")  # the calibrated estimate decides
+    assert any(r.startswith("gradient says rank") and "not used for the rank" in r
+               for r in rec.rationale)
 
 
 def test_gradient_on_classification_fits_head_on_a_copy(tiny_bert_dir, cls_data):

@@ -335,7 +335,9 @@ def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int]
         per_rank = {r: "can hold all" if adapter[r] * BITS_PER_PARAM >= bits else
                     f"≤{100 * adapter[r] * BITS_PER_PARAM / bits:.0f}% of data" for r in ranks}
         assumptions.append(f"an adapter stores at most {BITS_PER_PARAM:g} bits per parameter")
-        notes.append(f"{bits:,.0f} bits to learn fit in rank {ceiling} at full capacity; no "
+        notes.append(f"even rank {ranks[-1]} cannot hold all {bits:,.0f} bits: no ceiling "
+                     "below it" if ceiling is None else
+                     f"{bits:,.0f} bits to learn fit in rank {ceiling} at full capacity; no "
                      "calibrated efficiency is installed, so this is a loose ceiling only")
         return Evidence(name="capacity", kind="ceiling", suggested_rank=ceiling,
                         interval=(1, ceiling) if ceiling else None, per_rank=per_rank,
