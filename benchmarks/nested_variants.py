@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_probe import PROBE_CONFIG, base_factory, planted_data  # noqa: E402
 
 import lorank.estimators.probe as probe  # noqa: E402
+import lorank.estimators.probe.nested as nested_module  # noqa: E402
 
 Plain = probe.NestedLoRA
 
@@ -64,7 +65,8 @@ class Gains(FreeScales):
 
 def main() -> None:
     variant = sys.argv[1] if len(sys.argv) > 1 else "core"
-    probe.NestedLoRA = {"plain": Plain, "gain": Gains, "core": FreeScales}[variant]
+    # where nested_probe looks NestedLoRA up
+    nested_module.NestedLoRA = {"plain": Plain, "gain": Gains, "core": FreeScales}[variant]
     for k in (2, 4):
         train, val = planted_data(k)
         res = probe.nested_probe(base_factory, train, val, pad_token_id=0, config=PROBE_CONFIG,

@@ -206,7 +206,7 @@ def probe_inputs(tiny_llama_dir, pc_data, monkeypatch):
     """run_probe's inputs on the tiny Llama, and a spy slipped into every training run."""
     from lorank import data as data_mod
     from lorank import train
-    from lorank.estimators import probe
+    from lorank.estimators.probe import nested, pilot
     from lorank.targets import resolve_targets
 
     loaded = load_model(str(tiny_llama_dir))
@@ -219,7 +219,8 @@ def probe_inputs(tiny_llama_dir, pc_data, monkeypatch):
         return real(*args, callbacks=[*callbacks, spy], **kwargs)
 
     monkeypatch.setattr(train, "train_lora", spied)
-    monkeypatch.setattr(probe, "train_lora", spied)  # nested_probe and the lr pilot
+    monkeypatch.setattr(nested, "train_lora", spied)  # nested_probe
+    monkeypatch.setattr(pilot, "train_lora", spied)  # the lr pilot
     return (loaded, prep, resolve_targets(loaded.model), prof), spy
 
 

@@ -35,8 +35,9 @@ from transformers import TrainerCallback
 
 from lorank.data import collate
 from lorank.errors import LorankError
-from lorank.estimators.gradient import fit_head_on_frozen_features, summed_loss
+from lorank.heads import fit_head_on_frozen_features
 from lorank.hooks import OutputGradientTaps
+from lorank.losses import summed_loss
 from lorank.report import atomic_write_text, ticker
 from lorank.targets import TargetSet, resolve_targets
 from lorank.train import TrainConfig, train_lora
