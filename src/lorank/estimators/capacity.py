@@ -28,6 +28,7 @@ import torch
 
 from lorank.data import DataProfile, collate
 from lorank.estimators.base import Evidence
+from lorank.heads import _head_features, _head_input_hook, find_classification_head
 from lorank.planned_run import PlannedRun
 from lorank.targets import TargetSet
 
@@ -212,12 +213,6 @@ def frozen_head_bits(model: torch.nn.Module, examples: list[dict], *, pad_token_
     on one half of a seeded sample and scored on the other (and back), in bits. What a LoRA
     adapter has to add is what these features do not already separate, not the label entropy.
     """
-    from lorank.estimators.gradient import (
-        _head_features,
-        _head_input_hook,
-        find_classification_head,
-    )
-
     picked = random.Random(seed).sample(examples, min(sample, len(examples)))
     picked.sort(key=lambda e: len(e["input_ids"]))
     _, head = find_classification_head(model)
