@@ -154,7 +154,8 @@ def test_budget_in_minutes_uses_measured_speed(tiny_llama_dir, pc_data):
 
 def test_gradient_evidence_in_recommend(tiny_llama_dir, pc_data, tmp_path):
     out = tmp_path / "g"
-    rec = api.recommend(str(tiny_llama_dir), pc_data, max_length=64, out=out, progress=False)
+    rec = api.recommend(str(tiny_llama_dir), pc_data, max_length=64, out=out, progress=False,
+                        estimators=("capacity", "gradient"))
     grad = next(e for e in rec.evidence if e["name"] == "gradient")
     assert grad["kind"] == "estimate" and grad["cost_seconds"] > 0
     assert len(grad["details"]["layer_table"]) == 14
