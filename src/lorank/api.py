@@ -511,11 +511,13 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           targets: str = "all-linear", fmt: str | None = None, val_data: str | Path | None = None,
           max_length: int = 512, lora_alpha: float | None = None, warmup_ratio: float = 0.1,
           storage: str | None = None, prune: bool = False, skip_margin: float | None = None,
+          settle: bool = False,
           max_trials: int | None = None, gradient_checkpointing: bool = False,
           out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
           device: str = "cpu", trust_remote_code: bool = False, progress: bool = True,
           command: str | None = None):
     """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`);
+    `settle` then adds seeds where a rank's verdict hinges on seed noise (`settle_points`);
     `command`, the CLI line, is recorded in the study for reproduction."""
     from lorank.sweep import SweepSpec, model_factory_from, run_sweep
     from lorank.train import DEFAULT_ALPHA
@@ -546,7 +548,7 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
     if gradient_checkpointing:  # only when on, so studies made before the option keep their identity
         recipe["gradient_checkpointing"] = True
     spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe,
-                     skip_margin=skip_margin)
+                     skip_margin=skip_margin, settle=settle)
     meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
             "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
             "targets": targets, "max_length": max_length, "split_seed": seed,

@@ -28,7 +28,15 @@ from lorank.estimators.capacity import (
     pick_rank,
 )
 from lorank.report import atomic_write_text, plot_rank_curve
-from lorank.scoring import RightRank, curve_right_rank, score, score_run
+from lorank.scoring import (
+    RightRank,
+    acceptable_set,
+    curve_right_rank,
+    hinging_ranks,
+    r_star_stability,
+    score,
+    score_run,
+)
 
 FIXED = (8, 16)
 
@@ -218,6 +226,7 @@ def score_task(task_dir: Path) -> dict[str, Any]:
     rows.append(score(f"successive halving (all {n} configs)", pick, right, params, spent / full)
                 | {"family": "successive halving (all configs)"})
     return {"task": task_dir.name, "truth": right.to_dict(), "rows": rows, "task_info": task,
+            "truth_report": truth_report(sweep),
             "curve_agreement": agreement, "gradient_rules": rules,
             "best_lr": {str(r): row["lr"] for r, row in sorted(sweep["curve"].items(),
                                                                 key=lambda kv: int(kv[0]))},
@@ -391,7 +400,30 @@ def probe_curves(task_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
 
 def acceptable_ranks(right: RightRank) -> list[int]:
     """Every rank within tolerance of the best: the ranks a pick may land on without regret."""
-    return [r for r in right.ranks if right.L[r] <= right.L_best + right.tol[r]]
+    return acceptable_set(right)
+
+
+def seed_losses(sweep: dict[str, Any]) -> dict[int, list[np.ndarray]]:
+    """Per rank, one per-example loss vector per seed at that rank's best lr (the curve's)."""
+    out = {}
+    for r, row in sweep["curve"].items():
+        if not row:
+            continue
+        runs = [t for t in sweep["trials"] if t["rank"] == int(r) and t["status"] == "ok"
+                and t.get("per_example") and math.isclose(t["lr"], row["lr"], rel_tol=1e-9)]
+        out[int(r)] = [np.asarray(t["per_example"], float) for t in sorted(
+            runs, key=lambda t: t["seed"])]
+    return out
+
+
+def truth_report(sweep: dict[str, Any]) -> dict[str, Any]:
+    """How sure r* is: the acceptable set, r*'s stability under resampling of seeds and
+    validation examples, the ranks whose verdict hinges on seed noise, the seeds per rank."""
+    right = truth(sweep)
+    seeds = {int(r): int(row["seeds"]) for r, row in sweep["curve"].items() if row}
+    return {"acceptable": acceptable_set(right), "stability": r_star_stability(seed_losses(sweep)),
+            "hinging": {str(r): why for r, why in hinging_ranks(right, seeds).items()},
+            "seeds": {str(r): k for r, k in sorted(seeds.items())}}
 
 
 def calibration_rows(results: Path) -> list[CalibrationRow]:
@@ -444,13 +476,23 @@ def run_bench(results: Path, out_md: Path | None = None) -> list[dict[str, Any]]
 
 
 def overall(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method over tasks; "pick = r*" counts only tasks whose r* is stable (the share of
+    resamples of seeds and validation examples giving the same r*, `truth_report`)."""
     methods: dict[str, list[dict]] = {}
+    stable = {s["task"]: (s.get("truth_report") or {}).get("stability", {}).get("stable", False)
+              for s in scored}
     for s in scored:
         for row in s["rows"]:  # a search's budget differs per task: grouped by its family
-            methods.setdefault(row.get("family", row["method"]), []).append(row)
+            methods.setdefault(row.get("family", row["method"]), []).append(
+                row | {"task": s["task"]})
     out = []
     for name, rows in methods.items():
         out.append({"method": name, "tasks": len(rows),
+                    "within_2x": sum(r["acceptable"] and r["r_rec"] <= 2 * r["r_star"]
+                                     for r in rows),
+                    "exact_stable": sum(r["r_rec"] == r["r_star"] for r in rows
+                                        if stable.get(r["task"])),
+                    "stable_tasks": sum(bool(stable.get(r["task"])) for r in rows),
                     "mean_regret": float(np.mean([r["regret"] for r in rows])),
                     "worst_regret": float(np.max([r["regret"] for r in rows])),
                     "within_tol": sum(r["acceptable"] for r in rows),
@@ -462,11 +504,13 @@ def overall(scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
     """The per-task and overall tables (the generated part of BENCHMARKS.md)."""
     lines = ["## Overall", "",
-             "| method | tasks | mean regret | worst regret | within tol | mean waste | mean cost |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | tasks | mean regret | worst regret | within tol | within tol and "
+             "<= 2 r* | = r* (stable r* only) | mean waste | mean cost |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for o in overall(scored):
         lines.append(f"| {o['method']} | {o['tasks']} | {o['mean_regret']:.2%} | "
                      f"{o['worst_regret']:.2%} | {o['within_tol']}/{o['tasks']} | "
+                     f"{o['within_2x']}/{o['tasks']} | {o['exact_stable']}/{o['stable_tasks']} | "
                      f"{o['mean_waste']:.2f} | {o['mean_cost']:.3f} |")
     agreement: dict[str, list[float]] = {}
     for s in scored:
@@ -488,6 +532,18 @@ def markdown_tables(scored: list[dict[str, Any]], results: Path) -> str:
                   "", "| rank | L(r) | paired SE vs best | tol |", "| ---: | ---: | ---: | ---: |"]
         for r in sorted(t["L"], key=int):
             lines.append(f"| {r} | {t['L'][r]:.4f} | {t['se'][r]:.4f} | {t['tol'][r]:.4f} |")
+        if report := s.get("truth_report"):
+            stab = report["stability"]
+            lines += ["", f"Acceptable ranks (within tolerance): {report['acceptable']}. r* = "
+                      f"{stab['r_star']} in {stab['share']:.0%} of {stab['resamples']} resamples "
+                      "of seeds and validation examples ("
+                      + ", ".join(f"r*={r}: {v:.0%}" for r, v in stab["distribution"].items())
+                      + f"): {'stable' if stab['stable'] else 'not stable'}. Seeds at each "
+                      "rank's best lr: " + ", ".join(f"{r}: {k}" for r, k in
+                                                     report["seeds"].items()) + "."]
+            for r, why in report["hinging"].items():
+                lines.append(f"Rank {r}'s verdict hinges on seed noise ({why}): `lorank sweep "
+                             "--settle` adds seeds there.")
         lines += ["", "| method | rank | regret | waste | cost | within tol |",
                   "| --- | ---: | ---: | ---: | ---: | :---: |"]
         for row in s["rows"]:

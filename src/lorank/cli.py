@@ -231,6 +231,8 @@ def sweep(
     prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
     skip_margin: float = typer.Option(None, min=0.0, help="nats: a later seed skips an lr that lost to "
                                       "its rank's best lr by more at the first seed [off]"),
+    settle: bool = typer.Option(False, help="after the grid, add seeds (up to 5) at the best lr "
+                                "of each rank whose verdict hinges on seed noise"),
     max_trials: int = typer.Option(None, min=1, help="stop this worker after N trials"),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in "
                                                 "backward: less memory, more time"),
@@ -268,7 +270,7 @@ def sweep(
                        eval_every=eval_every, targets=targets, fmt=fmt, val_data=val_data,
                        max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
                        storage=storage, prune=prune, skip_margin=opts["skip_margin"],
-                       max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
+                       settle=settle, max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
                        out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                        progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]))

@@ -275,3 +275,80 @@ def curve_right_rank(curve: dict[int, dict[str, Any]]) -> RightRank:
     spread = {int(r): row["seed_sd"] / math.sqrt(max(row["seeds"], 1))
               for r, row in curve.items() if row}
     return right_rank(losses, seed_spread=spread)
+
+
+# --------------------------------------------------------------------------- how sure r* is
+
+STABLE_SHARE = 0.8  # r* is "stable" when at least this share of resamples give the same r*
+MAX_SEEDS = 5  # the settle rule adds seeds at a hinging rank's best lr up to this many
+
+
+def acceptable_set(right: RightRank) -> list[int]:
+    """Every rank within tolerance of the best: where a pick loses no measurable quality."""
+    return [r for r in right.ranks if right.L[r] <= right.L_best + right.tol[r]]
+
+
+def r_star_stability(seed_losses: Mapping[int, list[np.ndarray]], n_resamples: int = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """How often r* comes out the same when both noise sources are resampled.
+
+    `seed_losses[r]` holds one per-example loss vector per seed at rank r's best lr. Each
+    resample draws the validation examples with replacement (the same draw for every rank:
+    the comparison stays paired) and, per rank, its seeds with replacement; r* is then
+    recomputed by `right_rank` with the resampled seeds' spread. Returns the share that
+    matches the point r*, the distribution of r* over resamples, and `stable` (share >=
+    STABLE_SHARE).
+    """
+    rng = np.random.default_rng(seed)
+    ranks = sorted(seed_losses)
+    runs = {r: [np.asarray(x, float) for x in seed_losses[r]] for r in ranks}
+
+    def r_star_of(index: np.ndarray | None, picks: dict[int, list[int]] | None) -> int:
+        losses, spread = {}, {}
+        for r in ranks:
+            chosen = [runs[r][i] for i in (picks[r] if picks else range(len(runs[r])))]
+            means = [float(np.nanmean(x if index is None else x[index])) for x in chosen]
+            per = np.mean(chosen, axis=0)
+            losses[r] = per if index is None else per[index]
+            spread[r] = float(np.std(means, ddof=1) / math.sqrt(len(means))) \
+                if len(means) > 1 else 0.0
+        return right_rank(losses, seed_spread=spread).r_star
+
+    point = r_star_of(None, None)
+    n_examples = len(runs[ranks[0]][0])
+    counts: dict[int, int] = {}
+    for _ in range(n_resamples):
+        index = rng.integers(0, n_examples, n_examples)
+        picks = {r: list(rng.integers(0, len(runs[r]), len(runs[r]))) for r in ranks}
+        got = r_star_of(index, picks)
+        counts[got] = counts.get(got, 0) + 1
+    share = counts.get(point, 0) / n_resamples
+    return {"r_star": point, "share": share, "stable": share >= STABLE_SHARE,
+            "distribution": {str(r): counts[r] / n_resamples for r in sorted(counts)},
+            "resamples": n_resamples}
+
+
+def hinging_ranks(right: RightRank, seeds: Mapping[int, int], z: float = Z
+                  ) -> dict[int, str]:
+    """Ranks whose verdict (within tolerance or not) could flip within their seed noise, with
+    the reason. `right.seed_sd[r]` is the standard error of rank r's seed mean (as
+    `curve_right_rank` passes it); `seeds[r]` how many seeds that mean has. A rank hinges when
+    its distance to the tolerance line is less than `z` of those standard errors, or less than
+    one seed's SD (the spread exceeds the gap it is judged by). With one seed there is no
+    measured seed noise: it hinges when it lies within its tolerance's width of the line.
+    The best rank and ranks already at MAX_SEEDS are left out (the rule stops there)."""
+    out = {}
+    for r in right.ranks:
+        k = max(int(seeds.get(r, 1)), 1)
+        if k >= MAX_SEEDS or r == right.best_rank:
+            continue
+        margin = right.L_best + right.tol[r] - right.L[r]
+        se = (right.seed_sd or {}).get(r, 0.0)
+        verdict = "within tolerance" if margin >= 0 else "outside tolerance"
+        if k == 1 and abs(margin) < right.tol[r]:
+            out[r] = (f"{verdict} by {abs(margin):.4f} with one seed (less than its "
+                      f"tolerance {right.tol[r]:.4f})")
+        elif k > 1 and (abs(margin) < z * se or se * math.sqrt(k) > abs(margin)):
+            out[r] = (f"{verdict} by {abs(margin):.4f}: within {z:g} seed standard errors or "
+                      f"one seed SD ({se * math.sqrt(k):.4f}, {k} seeds)")
+    return out

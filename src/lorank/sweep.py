@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
 from lorank.report import atomic_write_text, plot_learning_curves, plot_rank_curve, progress_bar
-from lorank.scoring import curve_right_rank
+from lorank.scoring import curve_right_rank, hinging_ranks
 from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -53,6 +53,9 @@ class SweepSpec:
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     # nats: a later seed skips an lr that lost at the first seed by more (None: run everything)
     skip_margin: float | None = None
+    # once the grid is done, add seeds at the best lr of every rank whose verdict hinges on
+    # seed noise (`settle_points`), one at a time, up to MAX_SEEDS
+    settle: bool = False
 
     def grid(self) -> list[dict[str, Any]]:
         """Seed-major: a sweep stopped part-way already has a whole rank-loss curve at seed 0."""
@@ -272,8 +275,34 @@ def pop_trial(study: optuna.Study, url: str, out: Path,
         return study.ask()
 
 
+def settle_points(finished: list[dict[str, Any]], spec: SweepSpec
+                  ) -> list[tuple[dict[str, Any], str]]:
+    """The settle rule: once every grid point has its answer, one more seed at the best lr of
+    each rank whose verdict (within tolerance or not) could flip within its seed noise
+    (`lorank.scoring.hinging_ranks`), with the reason; none at a rank with MAX_SEEDS seeds.
+    Asked again after those run, it adds the next seed only where the verdict still hinges."""
+    if not spec.settle:
+        return []
+    answered = {_key(t) for t in finished}
+    if any(_key(p) not in answered for p in spec.grid()):
+        return []
+    curve = {r: row for r, row in rank_loss_curve(finished).items() if row}
+    if len(curve) < 2:
+        return []
+    right = curve_right_rank(curve)
+    seeds = {r: int(row["seeds"]) for r, row in curve.items()}
+    points = []
+    for rank, why in hinging_ranks(right, seeds).items():
+        lr = curve[rank]["lr"]
+        used = {t["seed"] for t in finished if t["rank"] == rank} | set(spec.seeds)
+        points.append(({"rank": rank, "lr": lr, "seed": max(used) + 1},
+                       f"settle: rank {rank} {why}"))
+    return points
+
+
 def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
-    """Enqueue every grid point that has no finished, running or waiting trial."""
+    """Enqueue every grid point (and settle point) that has no finished, running or waiting
+    trial."""
     settled = _settled(study)
     covered = set()
     for t in study.get_trials(deepcopy=False):
@@ -283,7 +312,8 @@ def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
         if t.state in (TrialState.RUNNING, TrialState.WAITING) or t.number in settled:
             covered.add(_key(point))
     n = 0
-    for point in spec.grid():
+    extra = [p for p, _ in settle_points(finished_records(study), spec)]
+    for point in spec.grid() + extra:
         if _key(point) not in covered:
             study.enqueue_trial(point, skip_if_exists=False)
             n += 1
@@ -445,7 +475,10 @@ def _work(study, spec, out, model_factory, train_examples, val_examples, pad_tok
                 break
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
-            if _key(point) not in in_grid:  # queued by an earlier, wider grid: not ours to run
+            reasons = {_key(p): why for p, why in settle_points(finished_records(study), spec)}
+            if _key(point) in reasons:
+                trial.set_user_attr("settle_reason", reasons[_key(point)])
+            elif _key(point) not in in_grid:  # queued by an earlier, wider grid: not ours
                 # (a later worker whose grid has it enqueues it again: FAIL is not finished)
                 trial.set_user_attr("status", "skipped: outside this worker's grid")
                 study.tell(trial, state=TrialState.FAIL)
@@ -482,6 +515,8 @@ def _run_trial(study, trial, point, spec, model_factory, train_examples, val_exa
                         out_dir=checkpoints, resume=True)
     record = result.to_dict() | {"point": point, "trial": trial.number,
                                  "per_example": result.best_val_losses}
+    if reason := trial.user_attrs.get("settle_reason"):
+        record["settle_reason"] = reason
     if evaluator.lost:  # its point was re-enqueued; whoever holds it now stores the answer
         return
     if evaluator.pruned_at is not None:
@@ -540,7 +575,9 @@ def finished_records(study: optuna.Study) -> list[dict[str, Any]]:
                        "wall_seconds": t.user_attrs.get("wall_seconds"),
                        "curve": t.user_attrs.get("curve"),
                        "steps_done": t.user_attrs.get("steps_done"),
-                       "trainable_params": t.user_attrs.get("trainable_params")})
+                       "trainable_params": t.user_attrs.get("trainable_params"),
+                       **({"settle_reason": t.user_attrs["settle_reason"]}
+                          if t.user_attrs.get("settle_reason") else {})})
     run = {_key(t) for t in trials if not str(t["status"]).startswith(SKIPPED)}
     return [t for t in trials if not (str(t["status"]).startswith(SKIPPED)
                                       and (_key(t) in run or _stale_skip(t, trials)))]
