@@ -344,13 +344,11 @@ def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int]
     spread = _spread(calibration)
     lo_rank = pick_rank(bits, adapter, e * 2 ** spread)
     hi_rank = pick_rank(bits, adapter, e * 2 ** -spread)
-    per_rank = {r: f"{min(adapter[r] * e / bits, 9.99):.0%} of the bits" for r in ranks}
+    per_rank = {r: _share(adapter[r] * e / bits) for r in ranks}
     assumptions.append(
         f"a planned run of {epochs:.2g} epochs stores {e:.4f} bits per adapter parameter "
         f"(fitted on {len(calibration['tasks'])} benchmark tasks; "
         f"{BITS_PER_PARAM:g} would be an adapter's full capacity)")
-    notes.append(f"{bits:,.0f} bits to learn at {e:.4f} bits/param: rank {rank} holds them "
-                 f"(range {lo_rank}–{hi_rank} over the calibration tasks' spread)")
     if eff.epochs_slope == 0.0:
         notes.append("the calibration has no same-data pair at two run lengths yet, so the "
                      "planned run's length does not move this estimate")
@@ -362,6 +360,11 @@ def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int]
                     interval=(lo_rank, hi_rank), per_rank=per_rank, assumptions=assumptions,
                     notes=notes, details=details,
                     cost_seconds=seconds + time.perf_counter() - start)
+
+
+def _share(fraction: float) -> str:
+    """What one rank's adapter holds of the bits to learn, as the table shows it."""
+    return f"holds {fraction:.0%}" if fraction < 1 else f"holds all ({fraction:.3g}x)"
 
 
 def _spread(calibration: dict[str, Any]) -> float:
