@@ -57,39 +57,109 @@ def load_records(source: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    """Records of one file. Text files must be UTF-8 (a leading byte-order mark is dropped);
+    anything unreadable ends in a `LorankError` naming the file (and line where known)."""
     suffix = path.suffix
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LorankError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise LorankError(f"{path}:{lineno}: expected a JSON object per line")
-                records.append(obj)
-        return records
-    if suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise LorankError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-            raise LorankError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-        return obj
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            return [dict(row) for row in csv.DictReader(fh)]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return _read_parquet(path)
+    if suffix not in DATA_SUFFIXES:
+        raise LorankError(f"{path}: unsupported file type; expected {', '.join(DATA_SUFFIXES)}")
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        return _read_csv(path)
+    except UnicodeDecodeError:
+        raise LorankError(_not_utf8(path)) from None
 
-        return pq.read_table(path).to_pylist()
-    raise LorankError(f"{path}: unsupported file type; expected {', '.join(DATA_SUFFIXES)}")
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.lstrip("\ufeff")  # files joined with `cat` keep each one's mark
+            if not line.strip():
+                continue
+            obj = _parse_json(line, path, lineno)
+            if not isinstance(obj, dict):
+                raise LorankError(f"{path}:{lineno}: expected a JSON object per line")
+            records.append(obj)
+    return records
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    obj = _parse_json(path.read_text(encoding="utf-8-sig"), path)
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise LorankError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    return obj
+
+
+def _parse_json(text: str, path: Path, lineno: int | None = None) -> Any:
+    """`json.loads`, its failures as one `LorankError` naming the file and line: `lineno` for a
+    JSON Lines line, else the line in the file the parser stopped at."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LorankError(f"{path}:{lineno or err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise LorankError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as err:  # e.g. an integer longer than Python converts from text
+        raise LorankError(f"{where}: unreadable JSON value ({err})") from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    records = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long document is one field; the default stops at 128 KiB
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                for row in reader:
+                    if None in row:  # values past the header's columns
+                        columns = len(reader.fieldnames or ())
+                        raise LorankError(
+                            f"{path}:{reader.line_num}: {columns + len(row[None])} values but "
+                            f"the header names {columns} columns")
+                    records.append(dict(row))
+            except csv.Error as err:
+                raise LorankError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        return table.to_pylist()
+    except pa.ArrowException as err:
+        # "Could not open Parquet input source '<path>': <why>. <advice>" -> "<why>"
+        reason = str(err).split("': ", 1)[-1].split(". ", 1)[0].strip() or type(err).__name__
+        with path.open("rb") as fh:
+            head = fh.read(4)
+        kind = "not a Parquet file" if head != b"PAR1" else "unreadable Parquet file"
+        raise LorankError(f"{path}: {kind} ({reason})") from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: its first undecodable line and byte. A line ending
+    (0x0A) is never part of a multi-byte character, so the file can be checked line by line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                        "save the file as UTF-8")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def _read_cached_dataset(name: str) -> list[dict[str, Any]]:
@@ -148,6 +218,8 @@ def _field_problem(record: dict[str, Any], fmt: str) -> str | None:
         if name in TEXT_FIELDS and isinstance(value, (list, dict)):
             kind = "list" if isinstance(value, list) else "object"
             return f"field '{name}': expected text, got a JSON {kind}"
+        if name in TEXT_FIELDS and _lone_surrogate(value):
+            return f"field '{name}': {NOT_UNICODE}"
     if fmt == "classification" and isinstance(record["label"], (list, dict)):
         return "field 'label': expected a class name or number"
     if fmt == "chat":
@@ -163,7 +235,30 @@ def _field_problem(record: dict[str, Any], fmt: str) -> str | None:
             # content parts (a list) and a tool call without content are the templates' to read
             if not (isinstance(content, (str, list)) or content is None and "tool_calls" in message):
                 return f"messages[{j}]: expected a string 'content'"
+            if _lone_surrogate(message):
+                return f"messages[{j}]: {NOT_UNICODE}"
     return None
+
+
+NOT_UNICODE = "not valid Unicode text (a lone surrogate, as a JSON escape like \\ud800 makes)"
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` (searched through lists and objects) holds a lone UTF-16
+    surrogate, which JSON escapes can make but no tokenizer encodes."""
+    if isinstance(value, str):
+        if value.isascii():
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,12 +304,19 @@ def _prompt_completion(record: dict[str, Any], fmt: str) -> tuple[str, str]:
 
 
 def _chat_tokens(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
-    """Render with the chat template; supervise only assistant turns (found by prefix lengths)."""
+    """Render with the chat template; supervise only assistant turns, found by prefix lengths:
+    a turn starts where the conversation before it, with the generation prompt, ends (an
+    opening turn, with nothing before it, after the tokens it shares with itself emptied of
+    content: its header). A template that rejects the conversation is a `LorankError`."""
     if not getattr(tokenizer, "chat_template", None):
         raise LorankError("format chat: the model's tokenizer has no chat template")
 
     def render(msgs, gen):
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        try:
+            out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        except Exception as err:  # the template's own checks (raise_exception) and failures
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LorankError(f"the chat template rejects the conversation ({reason})") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -224,7 +326,13 @@ def _chat_tokens(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], 
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        start = len(render(messages[:i], True))
+        if i:
+            start = len(render(messages[:i], True))
+        else:  # no conversation before it to render
+            empty = render([{**message, "content": ""}], False)
+            shared = zip(ids, empty, strict=False)
+            start = next((j for j, (a, b) in enumerate(shared) if a != b),
+                         min(len(ids), len(empty)))
         end = len(render(messages[: i + 1], False))
         labels[start:end] = ids[start:end]
     return ids, labels
@@ -287,6 +395,8 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
             max_val: int = 256, max_length: int = 512, seed: int = 0) -> PreparedData:
     """Load, tokenize, mask and split; the split is seeded so the same inputs give the same sets."""
     records, fmt = read_dataset(source, fmt)
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise LorankError("format chat: the model's tokenizer has no chat template")
     val_records = None
     if val_source is not None:
         val_records, _ = read_dataset(val_source, fmt)
@@ -305,15 +415,24 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
             raise LorankError(f"{source}: need at least 2 records to split off validation")
         val_records = [records[i] for i in order[:n_val]]
         train_records = [records[i] for i in order[n_val:]]
+        train_at = [(source, i + 1) for i in order[n_val:]]
+        val_at = [(source, i + 1) for i in order[:n_val]]
     else:
         train_records = records
+        train_at = [(source, i) for i in range(1, len(records) + 1)]
+        val_at = [(val_source, i) for i in range(1, len(val_records) + 1)]
 
-    def tok_all(rs):
-        out = [tokenize(r, fmt, tokenizer, max_length, label_ids) for r in rs]
+    def tok_all(rs, at):
+        out = []
+        for r, (where, i) in zip(rs, at, strict=True):
+            try:
+                out.append(tokenize(r, fmt, tokenizer, max_length, label_ids))
+            except LorankError as err:
+                raise LorankError(f"{where}: record {i}: {err}") from None
         return [e for e in out if e is not None], sum(e is None for e in out)
 
-    train, dropped_train = tok_all(train_records)
-    val, dropped_val = tok_all(val_records)
+    train, dropped_train = tok_all(train_records, train_at)
+    val, dropped_val = tok_all(val_records, val_at)
     if not train:
         raise LorankError(
             f"{source}: no supervised tokens after masking and truncation to --max-length "

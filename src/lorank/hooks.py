@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# on_grad(name, x, d): x (batch, tokens, d_in) and d (batch, tokens, d_out), float32, detached
+# on_grad(name, x, d): x (batch, tokens, d_in) and d (batch, tokens, d_out), detached; float32
+# copies, or with `as_float32=False` in the model's dtype, x a view of the layer's input itself
 OnGrad = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
@@ -26,10 +27,18 @@ class OutputGradientTaps:
     dropout); both are restored on exit. Gradients reach the hooks because each tapped
     module's output is made to require grad. Hooks fire only inside `reading(batch_size)`,
     which tells them how many examples (rows) the flattened tokens belong to.
+
+    `as_float32=False` hands x and d over in the model's dtype, x a view of the very tensor the
+    layer read: layers that read one input (q, k and v) then hand over one storage, which
+    their consumer can recognise and keep once; converting to float32 is then the consumer's
+    (where it multiplies or accumulates). With True (the default) every hook hands over its
+    own float32 copies on a lower-precision model.
     """
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], on_grad: OnGrad):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], on_grad: OnGrad,
+                 as_float32: bool = True):
         self.model, self.modules, self.on_grad = model, modules, on_grad
+        self.as_float32 = as_float32
         self.batch_size: int | None = None
 
     def __enter__(self) -> OutputGradientTaps:
@@ -69,8 +78,10 @@ class OutputGradientTaps:
                 output = output.detach().requires_grad_().clone()  # clone: in-place ops stay legal
 
             def grad_hook(d: torch.Tensor) -> None:
-                self.on_grad(name, x.reshape(b, -1, x.shape[-1]).float(),
-                             d.detach().reshape(b, -1, d.shape[-1]).float())
+                x3, d3 = x.reshape(b, -1, x.shape[-1]), d.detach().reshape(b, -1, d.shape[-1])
+                if self.as_float32:
+                    x3, d3 = x3.float(), d3.float()
+                self.on_grad(name, x3, d3)
 
             output.register_hook(grad_hook)
             return output

@@ -120,9 +120,13 @@ def _is_head(name: str) -> bool:
 
 
 def resolve_targets(model: torch.nn.Module, spec: str = "all-linear") -> TargetSet:
-    """Resolve a preset, comma-separated names (suffixes of module names) or `re:REGEX`."""
+    """Resolve a preset, comma-separated names (suffixes of module names) or `re:REGEX`.
+
+    Every listed name, and a regex, must match at least one linear module: a misspelt name
+    is an error naming it, never silently left out of the targets."""
     linears = linear_modules(model)
     in_blocks = [(n, i, o) for n, i, o in linears if _BLOCK.search(f".{n}.") and not _is_head(n)]
+    unmatched: list[str] = []
     if spec == "all-linear":
         chosen = in_blocks
     elif spec in ("attention", "mlp"):
@@ -135,11 +139,17 @@ def resolve_targets(model: torch.nn.Module, spec: str = "all-linear") -> TargetS
         chosen = [t for t in linears if pattern.fullmatch(t[0])]
     else:
         names = [s.strip() for s in spec.split(",") if s.strip()]
-        chosen = [t for t in linears if any(t[0] == s or t[0].endswith("." + s) for s in names)]
-    if not chosen:
+        def hit(name: str, s: str) -> bool:
+            return name == s or name.endswith("." + s)
+
+        chosen = [t for t in linears if any(hit(t[0], s) for s in names)]
+        unmatched = [s for s in names if not any(hit(n, s) for n, _, _ in chosen)]
+    if unmatched or not chosen:
         listing = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, _, _ in in_blocks}))
+        what = (f"{', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'}"
+                if unmatched else "matches")
         raise LorankError(
-            f"--targets {spec}: matches no linear module; this model's block linear layers are "
+            f"--targets {spec}: {what} no linear module; this model's block linear layers are "
             f"named {listing} (presets: {', '.join(PRESETS)}; regex: re:PATTERN)"
         )
     layers = [TargetLayer(n, i, o, _group(n)) for n, i, o in chosen]

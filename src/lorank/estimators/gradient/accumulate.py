@@ -328,7 +328,10 @@ class _Tap:
 def _feed(tap: _Tap, half: int, parts: list[tuple], x3: torch.Tensor, d3: torch.Tensor,
           accumulate: bool, project: bool) -> None:
     """One batch's (x, d) of one layer, routed chunk by chunk: accumulated into the half's
-    summaries (passes 1 and 2 read every example exactly once) and/or projected per group."""
+    summaries (passes 1 and 2 read every example exactly once) and/or projected per group.
+    x3, d3 come in the model's dtype; the products are taken in float32 (for a float32 model
+    the very tensors handed over)."""
+    x3, d3 = x3.float(), d3.float()
     for chunk, rows, groups in parts:
         x, d = (x3, d3) if rows is None else (x3[rows], d3[rows])
         if accumulate:

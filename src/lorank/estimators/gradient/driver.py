@@ -76,9 +76,9 @@ def gradient_spectrum(
       principal angles between the two (`LayerSpectrum.sketch_check`). Off by default: it
       costs one more sketch per sketched layer per token, about as much as the main one.
     replay_mb: keep half A's layer inputs and output gradients from pass 1 while they take at
-      most this many MiB (float32, padded tokens, on the model's device) and run pass 3 on
-      them instead of a third forward+backward (identical results); past it, or at 0, pass 3
-      runs as a pass. With `fit_head`, the same budget holds passes 1-2's forward graphs
+      most this many MiB (in the model's dtype, padded tokens, on the model's device, an input
+      several layers read counted once) and run pass 3 on them instead of a third
+      forward+backward (identical results); past it, or at 0, pass 3 runs as a pass. With `fit_head`, the same budget holds passes 1-2's forward graphs
       until the head is fitted (`_Streaming.hold_and_fit_head`); each use stays within it.
     fit_head: the model is a sequence classifier whose new head is fitted on frozen features
       of these examples (in place) before any gradient is read: gradients through a random

@@ -36,7 +36,10 @@ class _Streaming:
                  tape_tokens: int = 0):
         self.model = model
         self.by_name = {tap.name: tap for tap in taps}
-        self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad)
+        # in the model's dtype: q, k and v hand over one input storage (shared Gram, one copy
+        # on the tape); `_feed` takes the products in float32
+        self.hooks = OutputGradientTaps(model, {t.name: t.module for t in taps}, self._on_grad,
+                                        as_float32=False)
         self.ctx: dict[str, Any] = {}
         self.tape = _Tape(replay_mb * 2**20, tape_tokens)  # half A's (x, d), for pass 3
         self.owner: dict[str, str] = {}  # target -> target whose input Gram it shares
