@@ -352,7 +352,6 @@ def bench(
 def demo(
     out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
     n: int = typer.Option(300, help="examples to build from the standard library"),
-    calib: int = typer.Option(64, help="calibration examples for the gradient spectrum"),
     budget: str = typer.Option(None, help="also run the probe: steps (40) or minutes (10m)"),
     seed: int = typer.Option(0, help="seed"),
     quiet: bool = typer.Option(False, help="no progress bars"),
@@ -361,11 +360,51 @@ def demo(
     from lorank.demo import run_demo
     from lorank.report import print_recommendation
 
-    rec, data_path = run_demo(out, n=n, seed=seed, calib=calib, budget=budget,
-                              progress=not quiet)
+    rec, data_path = run_demo(out, n=n, seed=seed, budget=budget, progress=not quiet)
     say(f"demo data: {data_path}")
     print_recommendation(rec, console)
     say(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+
+
+@app.command()
+def inspect(
+    adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (safetensors)"),
+    tol: float = typer.Option(0.1, min=0.0, max=1.0, help="relative error a truncation may "
+                              "make; the per-layer rank that keeps within it is shown"),
+) -> None:
+    """How much of its rank a trained adapter uses, per layer (no model is loaded)."""
+    from rich.table import Table
+
+    from lorank.adapters import inspect_adapter, verdict
+
+    layers = inspect_adapter(adapter)
+    table = Table(title=f"{adapter}: rank use per layer", header_style="bold")
+    for col in ("layer", "rank", "effective", f"rank for {tol:g}", "top-1 energy"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for lay in layers:
+        table.add_row(Text(lay.name), str(lay.rank), f"{lay.effective_rank:.1f}",
+                      str(lay.rank_for(tol)), f"{lay.energy[min(lay.energy)]:.0%}")
+    console.print(table)
+    say(verdict(layers, tol))
+
+
+@app.command()
+def shrink(
+    adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (safetensors)"),
+    out: Path = typer.Option(..., help="directory for the smaller adapter"),
+    rank: int = typer.Option(None, min=1, help="one rank for every layer"),
+    tol: float = typer.Option(None, help="per-layer ranks: each keeps its update within this "
+                              "relative (Frobenius) error; written as rank_pattern"),
+) -> None:
+    """Re-factorize a trained adapter exactly (SVD) into a smaller one PEFT loads."""
+    from lorank.adapters import shrink_adapter
+
+    summary = shrink_adapter(adapter, out, rank=rank, tol=tol)
+    say(f"wrote {out}: rank {summary['rank']}"
+        + (f" with {len(summary['rank_pattern'])} per-layer ranks" if summary["rank_pattern"]
+           else "")
+        + f", {summary['params_after']:,} parameters (was {summary['params_before']:,}), "
+          f"largest relative error {summary['max_relative_error']:.2e}")
 
 
 INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"

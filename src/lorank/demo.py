@@ -69,18 +69,15 @@ def build_demo_data(path: Path, n: int = 400, seed: int = 0) -> Path:
 
 
 def run_demo(out: Path, n: int = 300, seed: int = 0, progress: bool = True,
-             estimators: tuple[str, ...] | None = None, calib: int = 64,
+             estimators: tuple[str, ...] | None = None,
              budget: str | None = None) -> tuple[Recommendation, Path]:
-    """Build the stdlib dataset and recommend a rank for SmolLM2-135M on it.
-
-    The gradient spectrum reads `calib` examples (64 keeps the demo to a few minutes on two
-    CPU cores); `budget` adds the one-run probe (steps, or minutes as "10m").
-    """
+    """Build the stdlib dataset and recommend a rank for SmolLM2-135M on it; `budget` adds
+    the one-run probe (steps, or minutes as "10m")."""
     from lorank.api import DEFAULT_ESTIMATORS, recommend
 
     out = Path(out)
     data_path = build_demo_data(out / "stdlib_docstrings.jsonl", n=n, seed=seed)
     rec = recommend("smollm2-135m", data_path, max_length=160, seed=seed, out=out,
-                    estimators=estimators or DEFAULT_ESTIMATORS, calib=calib, budget=budget,
+                    estimators=estimators or DEFAULT_ESTIMATORS, budget=budget,
                     progress=progress)
     return rec, data_path
