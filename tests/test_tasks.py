@@ -74,12 +74,16 @@ def test_build_is_deterministic_and_well_formed(name: str, tmp_path: Path) -> No
     ]  # no temporary files left behind
 
     spec = TASKS[name]
-    columns = {"prompt", "completion"} if spec.format == "prompt-completion" else {"text", "label"}
+    columns = {"prompt-completion": {"prompt", "completion"}, "chat": {"messages"},
+               "classification": {"text", "label"}}[spec.format]
     for split in ("train", "val"):
         rows = read_jsonl(a[split])
         assert len(rows) == 40
         for row in rows:
             assert set(row) == columns
+            if "messages" in row:  # a system turn, then user and assistant, all non-empty
+                assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+                row = {m["role"]: m["content"] for m in row["messages"]}
             assert all(isinstance(v, str) and v.strip() for v in row.values())
             if "completion" in row:
                 assert row["completion"].startswith(" ")
@@ -152,3 +156,11 @@ def test_man_names_split_is_disjoint(tmp_path: Path) -> None:
     assert len(train) == TASKS["man-names"].n_train
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert not {r["completion"] for r in train} & {r["completion"] for r in val}
+
+
+def test_wordnet_chat_holds_out_headwords(tmp_path: Path) -> None:
+    paths = build("wordnet-chat", tmp_path, seed=0, limit=40)
+    heads = {split: {json.loads(line)["messages"][1]["content"].split(" (")[0]
+                     for line in paths[split].read_text().splitlines()}
+             for split in ("train", "val")}
+    assert len(heads["train"]) == 40 and not heads["train"] & heads["val"]

@@ -268,6 +268,43 @@ def build_format_json(n_train: int, n_val: int, seed: int) -> tuple[Rows, Rows, 
     return train, val, meta
 
 
+CHAT_SYSTEM = ("You are a thesaurus. Reply with the other words for the meaning the user gives, "
+               "as a comma-separated list, and nothing else.")
+
+
+def build_wordnet_chat(n_train: int, n_val: int, seed: int) -> tuple[Rows, Rows, dict]:
+    """Chat instruction following: a system turn sets a reply style, the user names a word and
+    its meaning, the assistant lists that synset's other words (loss on the assistant turn
+    only, rendered with the model's own chat template).
+
+    The style is learned from the system turn and a few examples; the synonyms are WordNet's,
+    recalled for held-out synsets: format plus knowledge, between format-json and the facts.
+    """
+    pool = [
+        s for s in read_wordnet()
+        if 3 <= len(s.lemmas) <= 5 and 3 <= _words(s.definition) <= 12
+        and all(_words(w) <= 2 and w.isascii() for w in s.lemmas) and s.definition.isascii()
+    ]
+    random.Random(f"wordnet-chat:{seed}").shuffle(pool)
+    seen: set[str] = set()
+    unique = []
+    for s in pool:  # one synset per headword, so no question repeats across the splits
+        if s.lemmas[0] not in seen:
+            seen.add(s.lemmas[0])
+            unique.append(s)
+    val, train = unique[:n_val], unique[n_val:n_val + n_train]
+
+    def row(s: Synset) -> dict:
+        return {"messages": [
+            {"role": "system", "content": CHAT_SYSTEM},
+            {"role": "user", "content": f"{s.lemmas[0]} ({POS_NAMES[s.pos]}): {s.definition}"},
+            {"role": "assistant", "content": ", ".join(s.lemmas[1:])},
+        ]}
+
+    meta = {"split": "disjoint by synset and headword", "pool": len(unique)}
+    return [row(s) for s in train], [row(s) for s in val], meta
+
+
 LEXNAME_CLASSES = (
     "noun.animal",
     "noun.artifact",
@@ -691,6 +728,26 @@ TASKS: dict[str, TaskSpec] = {
             lrs=_SMOL_LRS,
             mean_tokens=20.0,
             expected_rank="low (generalization to unseen pages)",
+        ),
+        TaskSpec(
+            name="wordnet-chat",
+            description="chat: a system turn sets a thesaurus reply style; the user names a "
+            "word and its meaning, the assistant lists the synset's other words (held-out "
+            "synsets)",
+            model="smollm2-135m",
+            format="chat",
+            builder=build_wordnet_chat,
+            sources=("wordnet-base",),
+            n_train=400,
+            n_val=150,
+            max_length=128,
+            batch_size=8,
+            steps=50,  # one pass
+            lrs=(5e-4, *_SMOL_LRS),
+            mean_tokens=70.0,
+            expected_rank="low to moderate (reply style plus recalled synonyms)",
+            notes="not swept yet: defined so that a sweep can start (`lorank sweep --task "
+            "wordnet-chat --out benchmarks/results/wordnet-chat`)",
         ),
         TaskSpec(
             name="wordnet-lexname",
