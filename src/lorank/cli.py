@@ -438,5 +438,50 @@ def main() -> None:
         raise
 
 
+@app.command()
+def export(
+    directory: Path = typer.Argument(..., metavar="DIR", help="a `lorank recommend --out` "
+                                     "directory (reads its recommendation.json)"),
+    to: str = typer.Option(..., "--to", help="peft, trl, axolotl, llamafactory, unsloth, "
+                           "torchtune"),
+    out: Path = typer.Option(None, "--out", help="write to this file (atomically) instead of "
+                             "printing"),
+) -> None:
+    """Print (or write to --out) the recommendation as one framework's configuration."""
+    from lorank.export import FRAMEWORKS, export_config, read_recommendation
+    from lorank.report import atomic_write_text
+
+    if to not in FRAMEWORKS:  # before any file is read
+        raise LorankError(f"--to {to}: unknown framework; known: {', '.join(FRAMEWORKS)}")
+    text = export_config(read_recommendation(directory), to)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.is_dir():
+        raise LorankError(f"--out {out}: is a directory; expected a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text)
+    except OSError as err:
+        raise LorankError(f"--out {out}: cannot write ({err.strerror})") from None
+    say(f"wrote {out}")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lorank import __version__
+
+        say(f"lorank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="print the version and exit"),
+) -> None:
+    """Options before the command: `lorank --version` prints the version and exits."""
+
+
 if __name__ == "__main__":
     main()
