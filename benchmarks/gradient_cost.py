@@ -9,10 +9,9 @@ one), so the recorded runs ran one at a time on an idle machine, OMP_NUM_THREADS
 SmolLM2-135M reads the demo's stdlib data, MiniLM-L6 the wordnet-lexname task; targets are all
 linear layers, max_rank 64. The analysis timed is the whole of what `lorank analyze` runs on the
 calibration set: on MiniLM (classification) the head fit on frozen features first (timings_s
-"head_fit"; until session 15 it ran untimed before the baseline; since session 16 it is part of
-`gradient_spectrum(fit_head=True)` and reads the features from passes 1-2's own forward, whose
-graphs are held until the head is fitted, when they fit in --replay-mb: "head_fit_features"),
-then the gradient spectrum.
+"head_fit"; part of `gradient_spectrum(fit_head=True)`, which reads the features from passes
+1-2's own forward, whose graphs are held until the head is fitted, when they fit in
+--replay-mb: "head_fit_features"), then the gradient spectrum.
 
 Three baselines, since "one forward+backward pass" depends on what the backward computes
 (`one_pass_seconds`): frozen weights (the headline `ratio`, the strictest), the target layers'

@@ -6,7 +6,7 @@ their scales were off, giving each truncation its own scales would fix it:
   gain: truncation b reads B[:, :b] diag(g_b) A[:b], g_b learned (one vector per truncation)
   core: truncation b reads B[:, :b] M_b A[:b], M_b a learned b x b matrix (any rank-b map
         between the first b components' subspaces)
-Neither moves the decision (session 12: gain 4 / 8, core 4 / 8), so the subspaces are off.
+Neither moves the decision (gain 4 / 8, core 4 / 8), so the subspaces are off.
 
 Usage: .venv/bin/python benchmarks/nested_variants.py [gain|core|plain]  (about 10 s each)
 """
