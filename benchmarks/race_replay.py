@@ -20,7 +20,7 @@ from lorank.estimators.probe import race_ranks, raced_survivors, smallest_within
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
-    "(1/4, 1/2), clear losers stop (session 5)": {"fractions": (0.25, 0.5),
+    "(1/4, 1/2), clear losers stop (the first rule)": {"fractions": (0.25, 0.5),
                                                    "stop_above_answer": False},
     "(1/8, 1/4, 1/2), clear losers stop": {"fractions": (0.125, 0.25, 0.5),
                                            "stop_above_answer": False},
