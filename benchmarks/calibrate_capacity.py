@@ -28,7 +28,11 @@ def main() -> None:
     fit = calibrate(calibration_rows(args.results))
     atomic_write_text(args.out, json.dumps(fit, indent=1) + "\n")
     s = fit["loto_summary"]
-    print(f"efficiency {fit['efficiency']} on {len(fit['tasks'])} tasks; held out: "
+    for kind, f in fit["fits"].items():
+        print(f"{kind}: 2^{f['efficiency']['log2_e']} = {2 ** f['efficiency']['log2_e']:.4f} "
+              f"bits/param (epochs slope {f['efficiency']['epochs_slope']}) from "
+              f"{', '.join(f['tasks'])}" + (" (borrowed)" if f["borrowed"] else ""))
+    print("held out: "
           f"{s['within_tolerance']}/{s['tasks']} within tolerance, {s['within_tolerance_and_2x']}"
           f" also within 2x r*, {s['exact']} exact")
     for task, v in fit["leave_one_task_out"].items():

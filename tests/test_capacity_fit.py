@@ -80,6 +80,19 @@ def test_epochs_slope_comes_from_same_data_pairs():
     assert eff.bits_per_param(4.0) == pytest.approx(2 * eff.bits_per_param(1.0), rel=1e-3)
 
 
+def test_a_kind_with_one_task_borrows_the_others_fit():
+    """One classification task gets no fit of its own (it would be fitted toward that task):
+    it and its held-out score use the generation tasks' efficiency."""
+    rows = [planted_row(f"t{r}", r, -6.0) for r in (2, 8, 32)]
+    odd = planted_row("cls", 4, -2.0)
+    odd.kind = "classification"
+    fit = calibrate([*rows, odd])
+    assert fit["fits"]["classification"]["borrowed"]
+    assert fit["fits"]["classification"]["efficiency"] == fit["fits"]["generation"]["efficiency"]
+    assert fit["leave_one_task_out"]["cls"]["fitted_on"] == ["t2", "t8", "t32"]
+    assert "cls" not in fit["leave_one_task_out"]["t8"]["fitted_on"]
+
+
 def test_calibration_record_round_trips_and_summarizes():
     rows = [planted_row(f"t{r}", r, -6.0) for r in (2, 8, 32)]
     fit = calibrate(rows)
@@ -161,4 +174,5 @@ def test_shipped_fit_is_reproduced_from_the_stored_sweeps():
     assert shipped is not None
     refit = json.loads(json.dumps(calibrate(calibration_rows(results))))
     assert refit == shipped
-    assert Efficiency(**shipped["efficiency"]).bits_per_param(1.0) < 0.1  # far below 2 bits
+    for fit in shipped["fits"].values():  # far below an adapter's 2 bits per parameter
+        assert Efficiency(**fit["efficiency"]).bits_per_param(1.0) < 0.1

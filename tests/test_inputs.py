@@ -201,8 +201,9 @@ def test_capacity_ceiling_is_the_first_rank_that_holds_every_bit(tiny_llama):
     none = capacity_evidence(_profile(2 * params[16] + 10), ts, ranks)
     assert none.suggested_rank is None and "no ceiling below it" in none.notes[0]
     # a calibrated store of 1 bit per parameter doubles the parameters needed: an estimate
-    one_bit = {"efficiency": {"log2_e": 0.0, "epochs_slope": 0.0, "reference_epochs": 1.0},
-               "tasks": ["planted"], "rows": []}
+    fit = {"efficiency": {"log2_e": 0.0, "epochs_slope": 0.0, "reference_epochs": 1.0},
+           "tasks": ["planted"], "borrowed": False}
+    one_bit = {"fits": {"generation": fit}, "rows": []}
     est = capacity_evidence(_profile(bits), ts, ranks, calibration=one_bit)
     assert est.kind == "estimate" and est.suggested_rank == 8
     assert est.details["ceiling_rank"] == 4

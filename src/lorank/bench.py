@@ -242,7 +242,8 @@ def held_out_capacity_pick(ev: dict[str, Any], task: str, sweep: dict[str, Any])
     shipped fit where the task was never in it), from the stored bits and adapter sizes; None
     where no fit is installed or the evidence lacks them."""
     details = ev.get("details") or {}
-    eff = efficiency_for(load_calibration(), exclude_task=task)
+    kind = "classification" if sweep["meta"].get("format") == "classification" else "generation"
+    eff = efficiency_for(load_calibration(), kind, exclude_task=task)
     if eff is None or "total_bits" not in details or "adapter_params" not in details:
         return None
     recipe, n_train = sweep["spec"]["recipe"], sweep["meta"]["n_train"]

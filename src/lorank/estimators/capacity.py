@@ -99,6 +99,7 @@ class CalibrationRow:
 
 
 GRID_STEP = 0.01  # log2 units: the efficiency search's resolution
+KINDS = ("generation", "classification")
 
 
 def epochs_slope(rows: list[CalibrationRow]) -> float:
@@ -140,12 +141,23 @@ def fit_efficiency(rows: list[CalibrationRow]) -> Efficiency:
     return Efficiency(round(float(plateau[len(plateau) // 2]), 4), round(slope, 4), ref)
 
 
+MIN_KIND_TASKS = 2  # a kind of task gets its own efficiency from at least this many tasks
+
+
+def fit_rows(rows: list[CalibrationRow], kind: str) -> list[CalibrationRow]:
+    """The rows a kind's efficiency is fitted on: its own tasks where there are at least
+    MIN_KIND_TASKS (bits to learn are counted differently per kind, so their rates differ),
+    else the other kinds' (never a fit toward one task)."""
+    own = [r for r in rows if r.kind == kind]
+    return own if len(own) >= MIN_KIND_TASKS else [r for r in rows if r.kind != kind] or own
+
+
 def leave_one_task_out(rows: list[CalibrationRow]) -> dict[str, dict[str, Any]]:
-    """Each task's pick from the efficiency fitted on all the other tasks: the honest score
-    of the fit (it never sees the task it is judged on)."""
+    """Each task's pick from the efficiency fitted without it (on the other tasks its kind
+    would be fitted on, `fit_rows`): the honest score of the fit."""
     out = {}
     for held in rows:
-        others = [r for r in rows if r is not held]
+        others = fit_rows([r for r in rows if r is not held], held.kind)
         if not others:
             continue
         eff = fit_efficiency(others)
@@ -160,16 +172,22 @@ def leave_one_task_out(rows: list[CalibrationRow]) -> dict[str, dict[str, Any]]:
 
 
 def calibrate(rows: list[CalibrationRow]) -> dict[str, Any]:
-    """Everything `capacity_fit.json` holds: one efficiency for every kind of task (bits to
-    learn are counted per kind, stored bits per parameter are not), the leave-one-task-out
-    record, and the rows it was fitted on."""
+    """Everything `capacity_fit.json` holds: an efficiency per kind of task (generation,
+    classification; a kind with fewer than MIN_KIND_TASKS tasks borrows the others'), the
+    leave-one-task-out record, and the rows it was fitted on."""
     loto = leave_one_task_out(rows)
     held = list(loto.values())
+    fits = {}
+    for kind in KINDS:
+        used = fit_rows(rows, kind)
+        if used:
+            fits[kind] = {"efficiency": asdict(fit_efficiency(used)),
+                          "tasks": [r.task for r in used],
+                          "borrowed": any(r.kind != kind for r in used)}
     return {
         "model": "log2 e = log2_e + epochs_slope * log2(epochs / reference_epochs); pick = "
                  "smallest rank with e * adapter_params(rank) >= bits to learn",
-        "efficiency": asdict(fit_efficiency(rows)),
-        "tasks": [r.task for r in rows],
+        "fits": fits,
         "leave_one_task_out": loto,
         "loto_summary": {"tasks": len(held),
                          "within_tolerance": sum(v["acceptable"] for v in held),
@@ -189,17 +207,24 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def efficiency_for(calibration: dict[str, Any] | None, exclude_task: str | None = None
-                   ) -> Efficiency | None:
-    """The fitted efficiency; with `exclude_task`, the one fitted without that task (the
-    benchmark's held-out score; a task the fit never saw gets the full fit, held out too)."""
+def efficiency_for(calibration: dict[str, Any] | None, kind: str,
+                   exclude_task: str | None = None) -> Efficiency | None:
+    """The efficiency fitted for this kind of task; with `exclude_task`, the one fitted
+    without that task (the benchmark's held-out score; a task the fit never saw gets the
+    shipped fit, which is held out for it too)."""
     if calibration is None:
         return None
     if exclude_task is not None:
         loto = calibration.get("leave_one_task_out", {}).get(exclude_task)
         if loto is not None:
             return Efficiency(**loto["efficiency"])
-    return Efficiency(**calibration["efficiency"])
+    fit = calibration.get("fits", {}).get(kind)
+    return Efficiency(**fit["efficiency"]) if fit else None
+
+
+def task_kind(task: str) -> str:
+    """The calibration's kind for a DataProfile task ("classification" or a generation one)."""
+    return "classification" if task == "classification" else "generation"
 
 
 # --------------------------------------------------------------------------- bits to learn
@@ -320,7 +345,8 @@ def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int]
     epochs = run.epochs_over(profile.examples)
     ceiling = pick_rank(bits, adapter, BITS_PER_PARAM) if bits <= adapter[ranks[-1]] \
         * BITS_PER_PARAM else None
-    eff = efficiency_for(calibration, exclude_task)
+    kind = task_kind(profile.task)
+    eff = efficiency_for(calibration, kind, exclude_task)
     details: dict[str, Any] = {"total_bits": bits, "bits_source": learn.source, **learn.details,
                                "epochs": epochs, "ceiling_rank": ceiling,
                                "adapter_params": {str(r): p for r, p in adapter.items()}}
@@ -341,19 +367,19 @@ def capacity_evidence(profile: DataProfile, targets: TargetSet, ranks: list[int]
                         cost_seconds=seconds + time.perf_counter() - start)
     e = eff.bits_per_param(epochs)
     rank = pick_rank(bits, adapter, e)
-    spread = _spread(calibration)
+    spread = _spread(calibration, kind)
     lo_rank = pick_rank(bits, adapter, e * 2 ** spread)
     hi_rank = pick_rank(bits, adapter, e * 2 ** -spread)
     per_rank = {r: _share(adapter[r] * e / bits) for r in ranks}
     assumptions.append(
         f"a planned run of {epochs:.2g} epochs stores {e:.4f} bits per adapter parameter "
-        f"(fitted on {len(calibration['tasks'])} benchmark tasks; "
+        f"(fitted on {len(calibration['fits'][kind]['tasks'])} benchmark tasks; "
         f"{BITS_PER_PARAM:g} would be an adapter's full capacity)")
     if eff.epochs_slope == 0.0:
         notes.append("the calibration has no same-data pair at two run lengths yet, so the "
                      "planned run's length does not move this estimate")
     details.update(efficiency=asdict(eff), bits_per_param=e, spread_log2=spread,
-                   calibration_tasks=calibration["tasks"],
+                   calibration_tasks=calibration["fits"][kind]["tasks"],
                    held_out_record=calibration.get("loto_summary"),
                    held_out=exclude_task)
     return Evidence(name="capacity", kind="estimate", suggested_rank=rank,
@@ -367,10 +393,12 @@ def _share(fraction: float) -> str:
     return f"holds {fraction:.0%}" if fraction < 1 else f"holds all ({fraction:.3g}x)"
 
 
-def _spread(calibration: dict[str, Any]) -> float:
-    """Half the 10-90% range (log2) of the calibration tasks' own r*-efficiencies: how far one
+def _spread(calibration: dict[str, Any], kind: str) -> float:
+    """Half the 10-90% range (log2) of the fit's tasks' own r*-efficiencies: how far one
     task's efficiency strays from the fit's."""
-    rows = [CalibrationRow.from_dict(r) for r in calibration.get("rows", [])]
+    used = set(calibration["fits"][kind]["tasks"])
+    rows = [CalibrationRow.from_dict(r) for r in calibration.get("rows", [])
+            if r["task"] in used]
     if len(rows) < 2:
         return 1.0
     values = np.array([r.optimal_log2_e() for r in rows])
