@@ -27,8 +27,9 @@ from lorank.estimators.capacity import (
     load_calibration,
     pick_rank,
 )
-from lorank.report import atomic_write_text, plot_rank_curve
+from lorank.plots import plot_rank_curve
 from lorank.scoring import RightRank, curve_right_rank, score, score_run
+from lorank.util import atomic_write_text
 
 FIXED = (8, 16)
 
