@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lorank.bench import calibration_rows
+from lorank.bench.score import calibration_rows
 from lorank.estimators.capacity import CALIBRATION_FILE, calibrate
-from lorank.report import atomic_write_text
+from lorank.util import atomic_write_text
 
 
 def main() -> None:

@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from lorank.api import versions
-from lorank.bench import acceptable_ranks, full_sweep_steps, load_sweep, pending_tasks, truth
+from lorank.bench.score import (
+    acceptable_ranks,
+    full_sweep_steps,
+    load_sweep,
+    pending_tasks,
+    truth,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("probe lr", "probe lr, early stop", "best lr per rank")

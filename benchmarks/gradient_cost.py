@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from lorank.api import prepare_inputs, versions
+from lorank.bench.tasks import build_task
 from lorank.data import collate
 from lorank.demo import build_demo_data
 from lorank.estimators.gradient import REPLAY_MB, gradient_spectrum
 from lorank.targets import resolve_targets
-from lorank.tasks import build_task
 
 
 def peak_rss_mib() -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_bert, make_llama
 
-from lorank.baselines import (
+from lorank.bench.baselines import (
     BUDGET_RANK,
     TaskRun,
     allocate_budget,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lorank import bench
+from lorank.bench import score as bench
 from lorank.errors import LorankError
 
 RANKS, LRS, SEEDS, STEPS = [1, 2, 4, 8, 16], [1e-3, 3e-3], [0, 1], 20

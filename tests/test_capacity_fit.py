@@ -167,7 +167,7 @@ def test_confidence_maps_to_the_measured_hit_rate(hits, level):
 def test_shipped_fit_is_reproduced_from_the_stored_sweeps():
     """benchmarks/calibrate_capacity.py's output, recomputed from benchmarks/results: the
     constants recommend ships are the ones the stored sweeps give, not set by hand."""
-    from lorank.bench import calibration_rows
+    from lorank.bench.score import calibration_rows
 
     results = Path(__file__).parents[1] / "benchmarks" / "results"
     shipped = load_calibration(CALIBRATION_FILE)

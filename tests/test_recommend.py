@@ -191,7 +191,7 @@ def test_probe_cost_is_priced_at_its_own_pace():
 
 
 class StepSpy(TrainerCallback):
-    """Counts the training steps this session runs; raises Ctrl-C at `stop_at`."""
+    """Counts the training steps this run takes; raises Ctrl-C at `stop_at`."""
 
     def __init__(self, stop_at: int | None = None):
         self.stop_at, self.done = stop_at, 0

@@ -23,12 +23,12 @@ from lorank.sweep import (
     FINISHED,
     SweepSpec,
     open_study,
-    parse_list,
     pop_trial,
     rank_loss_curve,
     recover_interrupted,
     storage_url,
 )
+from lorank.util import parse_list
 
 GRID = ["--ranks", "1,2,4", "--lrs", "1e-3,3e-3", "--seeds", "0"]
 

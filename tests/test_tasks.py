@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lorank import tasks
-from lorank.tasks import TASKS, build_task
+from lorank.bench import tasks
+from lorank.bench.tasks import TASKS, build_task
 
 # What each task reads; a task whose data is absent is skipped with the install command.
 DATA = {

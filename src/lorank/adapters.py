@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lorank.callback import effective_rank, update_singular_values
 from lorank.errors import LorankError
-from lorank.report import atomic_write_text
+from lorank.util import atomic_write_text
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -25,8 +25,8 @@ from lorank.estimators.capacity import capacity_evidence, frozen_head_bits, load
 from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
 from lorank.planned_run import PlannedRun
-from lorank.report import atomic_write_text
 from lorank.targets import TargetSet, resolve_targets
+from lorank.util import atomic_write_text
 
 # the calibrated capacity estimate decides by default; the gradient spectrum (`analyze`, or
 # estimators=("capacity", "gradient")) is reported beside it only when asked: its count has not
@@ -400,7 +400,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         pick_learning_rate,
         pilot_rank,
     )
-    from lorank.report import plot_rank_curve
+    from lorank.plots import plot_rank_curve
     from lorank.train import TrainConfig, train_lora
 
     check_probe_method(method)
@@ -557,20 +557,3 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
                      pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
                      max_trials=max_trials, progress=progress, meta=meta, command=command)
 
-
-def task_inputs(name: str, out: str | Path, seed: int = 0) -> tuple[str, str, str, dict]:
-    """Build a benchmark task's data into OUT/data; return model, train, val and its recipe."""
-    from lorank.tasks import TASKS, build_task
-
-    if name not in TASKS:
-        raise LorankError(f"--task {name}: unknown task; known: {', '.join(TASKS)}")
-    spec = TASKS[name]
-    try:
-        paths = build_task(name, Path(out) / "data", seed=seed)
-    except ValueError as err:
-        raise LorankError(str(err)) from None
-    recipe = {"ranks": ",".join(map(str, spec.ranks)), "lrs": ",".join(f"{x:g}" for x in spec.lrs),
-              "seeds": ",".join(map(str, spec.seeds)), "steps": spec.steps,
-              "batch_size": spec.batch_size, "max_length": spec.max_length,
-              "lora_alpha": spec.lora_alpha, "skip_margin": spec.skip_margin}
-    return spec.model, str(paths["train"]), str(paths["val"]), recipe

@@ -119,7 +119,7 @@ def analyze(
 
 def _lrs(text: str) -> float | list[float]:
     """One learning rate, or several for the probe's pilot to choose from."""
-    from lorank.sweep import parse_list
+    from lorank.util import parse_list
 
     values = parse_list(text, float, "lr")
     return values[0] if len(values) == 1 else values
@@ -213,7 +213,7 @@ def targets(
 def sweep(
     model: str = typer.Option(None, "--model", "-m", help="as in `recommend` (or from --task)"),
     data: str = typer.Option(None, "--data", "-d", help="as in `recommend` (or from --task)"),
-    task: str = typer.Option(None, help="a benchmark task (lorank.tasks): builds its data into "
+    task: str = typer.Option(None, help="a benchmark task (lorank.bench.tasks): builds its data into "
                              "OUT/data and takes its recipe; options given here override it"),
     ranks: str = typer.Option(None, help="comma-separated ranks [1,2,4,8,16,32,64]"),
     lrs: str = typer.Option(None, help="comma-separated learning rates [5e-4,2e-3]"),
@@ -245,7 +245,7 @@ def sweep(
 ) -> None:
     """Train one LoRA per (rank, lr, seed); resumable; writes sweep.json and rank_loss.png."""
     from lorank.api import sweep as api_sweep
-    from lorank.sweep import parse_list
+    from lorank.util import parse_list
 
     given = {"ranks": ranks, "lrs": lrs, "seeds": seeds, "steps": steps,
              "batch_size": batch_size, "max_length": max_length, "lora_alpha": lora_alpha,
@@ -253,7 +253,7 @@ def sweep(
     defaults = {"ranks": "1,2,4,8,16,32,64", "lrs": "5e-4,2e-3", "seeds": "0,1", "steps": 100,
                 "batch_size": 8, "max_length": 512, "lora_alpha": None, "skip_margin": None}
     if task is not None:
-        from lorank.api import task_inputs
+        from lorank.bench.tasks import task_inputs
 
         task_model, task_data, task_val, recipe = task_inputs(task, out, seed=seed)
         if data is None:  # the task's validation split belongs to the task's own data
@@ -304,7 +304,7 @@ def bench(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Score every method on every task against the sweep's truth (regret, waste, cost)."""
-    from lorank.bench import (
+    from lorank.bench.score import (
         markdown_tables,
         overall,
         run_bench,
@@ -314,7 +314,7 @@ def bench(
 
     if not results.is_dir():
         raise LorankError(f"--results {results}: not a directory")
-    from lorank.baselines import BASELINES, run_task_baselines
+    from lorank.bench.baselines import BASELINES, run_task_baselines
 
     names = [n.strip() for n in run.split(",") if n.strip()]
     layerwise = [n.strip() for n in baselines.split(",") if n.strip()]
@@ -449,7 +449,7 @@ def export(
 ) -> None:
     """Print (or write to --out) the recommendation as one framework's configuration."""
     from lorank.export import FRAMEWORKS, export_config, read_recommendation
-    from lorank.report import atomic_write_text
+    from lorank.util import atomic_write_text
 
     if to not in FRAMEWORKS:  # before any file is read
         raise LorankError(f"--to {to}: unknown framework; known: {', '.join(FRAMEWORKS)}")

@@ -559,7 +559,7 @@ def _forward_speed(model, examples, pad_token_id, batch_size, seed) -> float:
 @torch.no_grad()
 def _summed_loss(model, examples, pad_token_id, batch_size, progress) -> tuple[float, int]:
     """Summed next-token loss (nats) over supervised tokens, and their count."""
-    from lorank.report import progress_bar
+    from lorank.util import progress_bar
 
     total, tokens = 0.0, 0
     device = next(model.parameters()).device

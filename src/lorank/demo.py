@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from lorank.decide import Recommendation
-from lorank.report import atomic_write_text
+from lorank.util import atomic_write_text
 
 STDLIB_MODULES = (
     "argparse", "ast", "base64", "bisect", "calendar", "codecs", "collections", "colorsys",

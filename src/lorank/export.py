@@ -46,7 +46,7 @@ from peft import LoraConfig
 
 from lorank.decide import CURVE_TRUST, Recommendation
 from lorank.errors import LorankError
-from lorank.report import atomic_write_text
+from lorank.util import atomic_write_text
 
 
 def lora_config(rec: Recommendation, base_model: str | None = None) -> LoraConfig:

@@ -1,69 +1,22 @@
-"""Report: progress bars, terminal tables and plots of the evidence."""
+"""Report: terminal tables of a recommendation, and the gradient spectrum's per-layer table and
+plots. The last stage: it reads what the others produced and nothing below imports it."""
 
 from __future__ import annotations
 
-import contextlib
 import html
-import os
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
 from rich.markup import escape as escape_markup
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
+from lorank.util import atomic_write_text, save_figure
+
 if TYPE_CHECKING:
     from lorank.decide import Recommendation
-
-
-class _NoProgress:
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
-
-    def advance(self, *args, **kwargs) -> None:
-        pass
-
-    def update(self, *args, **kwargs) -> None:
-        pass
-
-
-def new_progress(console: Console | None = None) -> Progress:
-    """lorank's one progress-bar layout: description, bar, n/total, elapsed, ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console or Console(stderr=True), transient=False,
-    )
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool = True, console: Console | None = None) -> Iterator[Progress]:
-    """A rich progress bar with ETA, or a silent stand-in when disabled."""
-    if not enabled:
-        yield _NoProgress()  # type: ignore[misc]
-        return
-    with new_progress(console) as bar:
-        yield bar
-
-
-@contextlib.contextmanager
-def ticker(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
-    """A progress bar over `total` units; yields the function that advances it by one."""
-    with progress_bar(enabled) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 def human_bytes(n: float) -> str:
@@ -152,95 +105,6 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
         console.print(f"  • {reason}", markup=False, highlight=False)
     for warning in rec.warnings:
         console.print(Text("  warning: ", style="yellow") + Text(str(warning)))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure atomically as PNG."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-
-
-def _default_mode() -> int:
-    """The mode a plain open() would give (mkstemp makes files private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def plot_rank_curve(curves: dict[str, dict[int, dict[str, float]]], path: Path, *,
-                    picks: dict[str, int] | None = None, title: str = "rank–loss curve") -> None:
-    """Validation loss against rank (log2 axis) with error bars; each method's pick marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        ranks = sorted(curve)
-        loss = [curve[r]["loss"] for r in ranks]
-        se = [curve[r].get("se", 0.0) for r in ranks]
-        ax.errorbar(ranks, loss, yerr=[2 * s for s in se], marker="o", capsize=3, label=label)
-    by_rank: dict[int, list[str]] = {}  # one line per picked rank, naming every method on it
-    for name, rank in (picks or {}).items():
-        by_rank.setdefault(rank, []).append(name)
-    for i, (rank, names) in enumerate(sorted(by_rank.items())):
-        ax.axvline(rank, linestyle="--", alpha=0.6, color=f"C{(i + len(curves)) % 10}",
-                   label=f"r={rank}: " + ", ".join(names))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    if by_rank:  # the legend beside the axes, so it never covers the curve
-        fig.set_size_inches(10, 4)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    else:
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_learning_curves(trials: list[dict], curve: dict[int, dict], path: Path) -> None:
-    """Validation loss against step for each rank's runs at its best lr (one line per seed),
-    to see whether runs converged and whether a rank's best lr was still improving."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, rank in enumerate(sorted(curve)):
-        runs = [t for t in trials if t["rank"] == rank and t["lr"] == curve[rank]["lr"]
-                and t["status"] == "ok" and t.get("curve")]
-        for j, run in enumerate(sorted(runs, key=lambda t: t["seed"])):
-            steps, _, val = zip(*run["curve"], strict=True)
-            ax.plot(steps, val, color=f"C{i % 10}", alpha=0.8, linestyle="-" if j == 0 else ":",
-                    label=f"r={rank} (lr {curve[rank]['lr']:g})" if j == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("learning curves at each rank's best lr (dotted: later seeds)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    save_figure(fig, path)
-    plt.close(fig)
 
 
 def escape(text: str) -> str:

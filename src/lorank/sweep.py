@@ -33,9 +33,10 @@ from optuna.trial import TrialState
 
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
-from lorank.report import atomic_write_text, plot_learning_curves, plot_rank_curve, progress_bar
+from lorank.plots import plot_learning_curves, plot_rank_curve
 from lorank.scoring import curve_right_rank, hinging_ranks
 from lorank.train import EvalPoint, TrainConfig, ValLossEvaluator, train_lora
+from lorank.util import atomic_write_text, progress_bar
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDY_NAME = "lorank-sweep"
@@ -65,23 +66,6 @@ class SweepSpec:
     def config(self, point: dict[str, Any]) -> TrainConfig:
         return TrainConfig.from_dict({**self.recipe, "rank": point["rank"],
                                       "learning_rate": point["lr"], "seed": point["seed"]})
-
-
-def parse_list(text: str, kind: type, name: str) -> list:
-    """Parse a comma-separated option ('1,2,4'); one clear error if it is empty or malformed."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise LorankError(f"--{name}: empty list; expected comma-separated values like 1,2,4")
-    try:
-        values = [kind(t) for t in items]
-    except ValueError:
-        raise LorankError(f"--{name} {text}: expected comma-separated {kind.__name__} values"
-                          ) from None
-    if name == "ranks" and any(v < 1 for v in values):
-        raise LorankError(f"--{name} {text}: ranks must be positive integers")
-    if kind is float and any(not math.isfinite(v) or v <= 0 for v in values):
-        raise LorankError(f"--{name} {text}: learning rates must be positive numbers")
-    return values
 
 
 def storage_url(out: Path, storage: str | None) -> str:

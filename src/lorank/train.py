@@ -47,6 +47,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lorank.data import IGNORE_INDEX, collate
+from lorank.util import atomic_write_text
 
 STATE_FILE = "lorank_state.json"
 CONFIG_FILE = "lorank_train_config.json"
@@ -284,7 +285,7 @@ class _Run:
     best_val_losses: list[float] = field(default_factory=list)
     final_val_loss: float = math.nan
     last_eval_step: int = -1
-    wall_before: float = 0.0  # wall seconds of earlier sessions (resume)
+    wall_before: float = 0.0  # wall seconds of earlier runs of this training (resume)
     eval_seconds: float = 0.0  # of the wall time, spent evaluating (cost accounting)
     evaluator_state: dict[str, Any] | None = None
     message: str = ""
@@ -440,7 +441,7 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero:
             return control
-        from lorank.report import new_progress
+        from lorank.util import new_progress
 
         self._progress = new_progress()
         self._progress.start()
@@ -470,10 +471,7 @@ class RichProgressCallback(TrainerCallback):
 
 
 def _write_json(path: str, payload: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=float)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=float))
 
 
 def _checkpoints(out_dir: str) -> list[tuple[int, str]]:

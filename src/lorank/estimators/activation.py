@@ -30,7 +30,7 @@ from torch import nn
 
 from lorank.data import collate
 from lorank.estimators.base import Evidence
-from lorank.report import ticker
+from lorank.util import ticker
 
 # eigenvalues of the Nystrom core below this fraction of its largest are rounding, not signal
 NYSTROM_CORE_TOL = 1e-6

@@ -31,7 +31,7 @@ from lorank.estimators.gradient.plan import _plan, _resolve_targets
 from lorank.estimators.gradient.results import GradientSpectrum
 from lorank.estimators.gradient.rules import _check_rule, sign_flip_testable
 from lorank.estimators.gradient.streaming import _Held, _Streaming
-from lorank.report import ticker
+from lorank.util import ticker
 
 REPLAY_MB = 2048.0  # default memory kept to save work (`gradient_spectrum`'s replay_mb)
 

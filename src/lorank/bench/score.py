@@ -27,7 +27,7 @@ from lorank.estimators.capacity import (
     load_calibration,
     pick_rank,
 )
-from lorank.report import atomic_write_text, plot_rank_curve
+from lorank.plots import plot_rank_curve
 from lorank.scoring import (
     RightRank,
     acceptable_set,
@@ -37,6 +37,7 @@ from lorank.scoring import (
     score,
     score_run,
 )
+from lorank.util import atomic_write_text
 
 FIXED = (8, 16)
 

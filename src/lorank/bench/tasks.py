@@ -21,16 +21,17 @@ import copy
 import functools
 import gzip
 import json
-import os
 import platform
 import random
 import re
 import subprocess
 import sysconfig
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lorank.errors import LorankError
+from lorank.util import atomic_write_text
 
 INSTALL_HINT = "bash scripts/install-task-data.sh"
 
@@ -649,7 +650,7 @@ def _facts_spec(n: int, epochs: int = 3) -> TaskSpec:
         # top edge, so it adds 1.6e-2 to bracket (half of facts-100's unstable 3.2e-2).
         # 1.6e-2 then lost at every rank (by 0.8 nats at r=1, 6+ nats from r=8), and 8e-3
         # diverged on one seed of two at r >= 16 while 2e-3 underfits there, so facts-300
-        # adds 4e-3 between them (session 7), which won from r=16 up. facts-1000 takes 3.3x
+        # adds 4e-3 between them, which won from r=16 up. facts-1000 takes 3.3x
         # the steps, which moves the best lr down if anything: 2e-3, 4e-3 and 8e-3.
         lrs=(*_SMOL_LRS, 3.2e-2) if n <= 100 else (2e-3, 4e-3, 8e-3, 1.6e-2) if n <= 300
         else (2e-3, 4e-3, 8e-3),
@@ -664,7 +665,7 @@ def _facts_spec(n: int, epochs: int = 3) -> TaskSpec:
         expected_rank="grows with size (memorization)",
         notes=f"{epochs} pass{'es' if epochs != 1 else ''} over the facts (the ladder facts-100/300/"
         "1000 takes 3 at every size); facts-1000 takes far more than an hour on 2 CPU cores "
-        "(see est_sweep_hours): run it over several sessions (the sweep resumes) or on a GPU.",
+        "(see est_sweep_hours): run it over several sittings (the sweep resumes) or on a GPU.",
     )
 
 
@@ -774,18 +775,6 @@ TASKS: dict[str, TaskSpec] = {
 # --------------------------------------------------------------------------- build
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory, so a reader never sees half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(rows: Rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -820,8 +809,8 @@ def build_task(name: str, out_dir: Path, seed: int = 0, limit: int | None = None
         "val": out_dir / "val.jsonl",
         "task": out_dir / "task.json",
     }
-    _write_atomic(paths["train"], _jsonl(train))
-    _write_atomic(paths["val"], _jsonl(val))
+    atomic_write_text(paths["train"], _jsonl(train))
+    atomic_write_text(paths["val"], _jsonl(val))
     info = {
         "task": spec.to_dict(),
         "seed": seed,
@@ -831,5 +820,21 @@ def build_task(name: str, out_dir: Path, seed: int = 0, limit: int | None = None
         "sources": _source_versions(spec),
         "builder": meta,
     }
-    _write_atomic(paths["task"], json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["task"], json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return paths
+
+
+def task_inputs(name: str, out: str | Path, seed: int = 0) -> tuple[str, str, str, dict]:
+    """Build a benchmark task's data into OUT/data; return model, train, val and its recipe."""
+    if name not in TASKS:
+        raise LorankError(f"--task {name}: unknown task; known: {', '.join(TASKS)}")
+    spec = TASKS[name]
+    try:
+        paths = build_task(name, Path(out) / "data", seed=seed)
+    except ValueError as err:
+        raise LorankError(str(err)) from None
+    recipe = {"ranks": ",".join(map(str, spec.ranks)), "lrs": ",".join(f"{x:g}" for x in spec.lrs),
+              "seeds": ",".join(map(str, spec.seeds)), "steps": spec.steps,
+              "batch_size": spec.batch_size, "max_length": spec.max_length,
+              "lora_alpha": spec.lora_alpha, "skip_margin": spec.skip_margin}
+    return spec.model, str(paths["train"]), str(paths["val"]), recipe

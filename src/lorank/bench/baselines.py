@@ -38,9 +38,9 @@ from lorank.errors import LorankError
 from lorank.heads import fit_head_on_frozen_features
 from lorank.hooks import OutputGradientTaps
 from lorank.losses import summed_loss
-from lorank.report import atomic_write_text, ticker
 from lorank.targets import TargetSet, resolve_targets
 from lorank.train import TrainConfig, train_lora
+from lorank.util import atomic_write_text, ticker
 
 BASELINES = ("eva", "adalora", "fisher")
 BUDGET_RANK = 8  # the budget each method spreads: PEFT's default r (also AdaLoRA's target_r)
