@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lorank.util", "lorank.errors", "lorank.offline"),
     ("lorank.data", "lorank.models", "lorank.targets", "lorank.planned_run", "lorank.losses",
      "lorank.heads", "lorank.hooks", "lorank.plots"),
-    ("lorank.estimators", "lorank.train", "lorank.scoring"),
+    ("lorank.estimators", "lorank.train", "lorank.scoring", "lorank.callback", "lorank.adapters"),
     ("lorank.sweep", "lorank.decide"),
     ("lorank.export", "lorank.report"),
     ("lorank.api", "lorank"),  # `lorank` itself: the verbs, loaded lazily from api
