@@ -76,7 +76,7 @@ def test_demo_command_builds_stdlib_data_and_recommends(tmp_path, monkeypatch, c
 
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as done:
-        app(["demo", "--n", "24", "--calib", "8", "--quiet", "--out", str(out)])
+        app(["demo", "--n", "24", "--quiet", "--out", str(out)])
     assert done.value.code in (0, None)
     rows = [json.loads(x) for x in (out / "stdlib_docstrings.jsonl").read_text().splitlines()]
     assert len(rows) == 24
