@@ -6,6 +6,22 @@ bash scripts/setup.sh
 if [ -f scripts/install-task-data.sh ]; then
   bash scripts/install-task-data.sh
 fi
+# The multi-worker sweep tests (tests/test_sweep_postgres.py) start a throwaway PostgreSQL
+# server: install it where we can (Debian/Ubuntu as root). Where it is there they must run, not
+# skip; where it cannot be installed they skip with the reason.
+pg_initdb() {
+  command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true
+}
+if [ -z "$(pg_initdb)" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "test: could not install postgresql"
+fi
+if [ -n "$(pg_initdb)" ]; then
+  export LORANK_REQUIRE_POSTGRES=1
+else
+  echo "test: no PostgreSQL server binaries: the multi-worker sweep tests will skip"
+fi
 .venv/bin/ruff check src tests
 set +e
 .venv/bin/python -m pytest "$@"

@@ -515,11 +515,20 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           max_trials: int | None = None, gradient_checkpointing: bool = False,
           out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
           device: str = "cpu", trust_remote_code: bool = False, progress: bool = True,
-          command: str | None = None):
+          command: str | None = None, heartbeat: int | None = None, grace: int | None = None):
     """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`);
     `settle` then adds seeds where a rank's verdict hinges on seed noise (`settle_points`);
-    `command`, the CLI line, is recorded in the study for reproduction."""
-    from lorank.sweep import SweepSpec, model_factory_from, run_sweep
+    `command`, the CLI line, is recorded in the study for reproduction. With a database
+    server's `storage`, a worker beats every `heartbeat` seconds while it holds a trial, and a
+    trial silent for `grace` seconds is failed and its point run again (defaults:
+    `lorank.sweep.HEARTBEAT_INTERVAL`, `GRACE_PERIOD`)."""
+    from lorank.sweep import (
+        GRACE_PERIOD,
+        HEARTBEAT_INTERVAL,
+        SweepSpec,
+        model_factory_from,
+        run_sweep,
+    )
     from lorank.train import DEFAULT_ALPHA
 
     for name, value, low in (("steps", steps, 1), ("batch-size", batch_size, 1),
@@ -555,5 +564,7 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
             "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions()}
     return run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
                      pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
-                     max_trials=max_trials, progress=progress, meta=meta, command=command)
+                     max_trials=max_trials, progress=progress, meta=meta, command=command,
+                     heartbeat=HEARTBEAT_INTERVAL if heartbeat is None else heartbeat,
+                     grace=GRACE_PERIOD if grace is None else grace)
 

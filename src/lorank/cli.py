@@ -228,6 +228,10 @@ def sweep(
     lora_alpha: float = typer.Option(None, help="fixed alpha for every rank (rsLoRA) [8]"),
     storage: str = typer.Option(None, help="study storage URL (default: sqlite in --out); "
                                 "postgresql://... lets many workers share the sweep"),
+    heartbeat: int = typer.Option(30, min=1, help="seconds between the heartbeats of a worker "
+                                  "holding a trial (database server storage)"),
+    grace: int = typer.Option(180, min=2, help="seconds without a heartbeat after which a "
+                              "trial's worker counts as dead and its point runs again"),
     prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
     skip_margin: float = typer.Option(None, min=0.0, help="nats: a later seed skips an lr that lost to "
                                       "its rank's best lr by more at the first seed [off]"),
@@ -273,7 +277,8 @@ def sweep(
                        settle=settle, max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
                        out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                       progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]))
+                       progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]),
+                       heartbeat=heartbeat, grace=grace)
     from rich.table import Table
 
     table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -67,7 +68,7 @@ def ensure_writable(out: Path) -> Path:
         raise LorankError(f"--out {out}: is a file; expected a directory (new or existing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lorank-write-test"
+        probe = out / f".lorank-write-test-{os.getpid()}"  # workers may start together
         probe.write_text("")
         probe.unlink()
     except OSError as err:

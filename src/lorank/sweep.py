@@ -4,10 +4,20 @@ The study lives in SQLite inside the output directory by default, or in any SQLA
 (`--storage postgresql://...`) so many workers share one sweep. Every grid point is enqueued
 once; a worker pops a waiting trial, claims it (two-phase, so two workers never train the same
 point), trains it with the shared loop (`lorank.train.train_lora`) and stores the result with
-its per-example validation losses. Killing a worker and running the same command again fails
-the dead worker's trial, re-enqueues that point and continues: finished trials are never lost
-or repeated, and the re-enqueued point resumes from its run's last checkpoint (written at
-every evaluation under `out/checkpoints/`, removed once the trial is stored). Optional
+its per-example validation losses. A worker keeps going until every point of its grid is
+finished: when nothing is waiting it polls the trials other workers hold, fails those whose
+worker died, re-enqueues their points and runs them. Finished trials are never lost or
+repeated, and a re-enqueued point resumes from its run's last checkpoint (written at every
+evaluation under `out/checkpoints/`, removed once the trial is stored).
+
+Liveness: with SQLite (one machine) a trial's worker is dead when its recorded process on
+this host is gone. With a database server (many machines) it is Optuna's heartbeat: the
+worker records a beat for the trial it holds every `heartbeat` seconds from a thread that
+runs while it trains, and a RUNNING trial whose last beat is older than `grace` seconds (by
+the database's clock) is failed and its point re-enqueued. A worker that finds its own trial
+settled elsewhere (it stalled past the grace period) stops without storing or checkpointing.
+Storage calls that fail because the database is unreachable are retried for up to
+`STORAGE_PATIENCE` seconds, so a database restart does not end a worker. Optional
 successive-halving pruning (Optuna's pruner) stops weak runs early, and an optional margin
 skips a later seed's run at a learning rate that already lost by that margin at the first seed.
 """
@@ -22,14 +32,18 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
+from transformers import TrainerCallback
 
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
@@ -42,6 +56,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDY_NAME = "lorank-sweep"
 FINISHED = "finished"  # user attr: the grid point has its answer (ok, diverged or pruned)
 SKIPPED = "skipped: dominated"  # status of a later seed's point settled by `dominated_reason`
+HEARTBEAT_INTERVAL = 30  # seconds between the beats of a worker holding a trial (server storage)
+GRACE_PERIOD = 180  # seconds without a beat after which a trial's worker counts as dead
+STORAGE_PATIENCE = 600.0  # seconds a worker retries a storage call while the database is away
 
 
 @dataclass
@@ -73,27 +90,42 @@ def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{Path(out).resolve() / 'sweep.db'}"
 
 
-def open_study(out: Path, storage: str | None, prune: bool) -> optuna.Study:
-    """Create or load the study; an unusable storage URL is one clear error."""
+def open_study(out: Path, storage: str | None, prune: bool, *,
+               heartbeat: int = HEARTBEAT_INTERVAL, grace: int = GRACE_PERIOD) -> optuna.Study:
+    """Create or load the study; an unusable storage URL is one clear error.
+
+    A database server's storage gets Optuna's heartbeat (`heartbeat` seconds between beats,
+    `grace` seconds before a silent trial counts as dead); SQLite's does not (its workers share
+    one host and are checked by process id)."""
     url = storage_url(out, storage)
+    if heartbeat < 1 or grace <= heartbeat:
+        raise LorankError(f"--heartbeat {heartbeat} --grace {grace}: need heartbeat >= 1 "
+                          "and grace > heartbeat (seconds)")
+    beats = {} if _is_sqlite(url) else {"heartbeat_interval": int(heartbeat),
+                                        "grace_period": int(grace)}
     pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
               if prune else optuna.pruners.NopPruner())
     for attempt in range(6):  # workers starting together race to create the schema
         try:
-            with host_lock(url, out):
-                rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            with host_lock(url, out), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **beats)
                 return optuna.create_study(study_name=STUDY_NAME, storage=rdb,
                                            load_if_exists=True, direction="minimize",
                                            pruner=pruner)
         except Exception as err:  # sqlalchemy / driver errors vary; the user needs one line
             reason = str(err).splitlines()[0][:200]
-            racing = ("already exists", "UNIQUE constraint", "locked")
-            if any(r in reason for r in racing) and attempt < 5:
+            racing = ("already exists", "unique constraint", "locked", "duplicate key")
+            if any(r in reason.lower() for r in racing) and attempt < 5:
                 time.sleep(0.5 + attempt)
                 continue
             raise LorankError(f"--storage {url}: cannot open the study storage ({reason})"
                               ) from None
     raise AssertionError("unreachable")
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
 
 
 @contextlib.contextmanager
@@ -115,7 +147,123 @@ def host_lock(url: str, out: Path):
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
-    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # a server's pooled connections die when it restarts: test each before use
+    return {"connect_args": {"timeout": 60}} if _is_sqlite(url) else {"pool_pre_ping": True}
+
+
+class _Health:
+    """When this process last saw the storage fail (monotonic seconds; 0: never)."""
+
+    last_error = 0.0
+
+
+def _transient(err: BaseException) -> bool:
+    """A storage error that passes when the database is back (connection lost or refused,
+    SQLite busy), as opposed to a bad request."""
+    kinds = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    if isinstance(err, optuna.exceptions.StorageInternalError):
+        err = err.__cause__ or err
+    return isinstance(err, kinds)
+
+
+def _retry(fn, *args, patience: float | None = None, **kwargs):
+    """Call `fn`, retrying while the storage is unreachable, for up to `patience` seconds
+    (STORAGE_PATIENCE by default); other errors, and the last transient one, propagate."""
+    deadline = time.monotonic() + (STORAGE_PATIENCE if patience is None else patience)
+    delay = 0.2
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if not _transient(err):
+                raise
+            _Health.last_error = time.monotonic()
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
+def _backend(study: optuna.Study):
+    """The study's RDBStorage (under Optuna's cache), read without the cache."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+def heartbeat_of(study: optuna.Study) -> tuple[int, int] | None:
+    """(heartbeat, grace) seconds when the study's storage beats, else None (SQLite)."""
+    rdb = _backend(study)
+    interval = getattr(rdb, "heartbeat_interval", None)
+    if interval is None:
+        return None
+    return int(interval), int(getattr(rdb, "grace_period", None) or 2 * interval)
+
+
+class _Heartbeat:
+    """Beats for one trial from a thread while this worker holds it (server storages).
+
+    The first beat is recorded on entry, then one every heartbeat interval until exit, during
+    training too. Each beat also reads the trial's state: once another worker has settled it
+    (failed as stale after this worker stalled past the grace period), `settled` is set and
+    the run stops. A failed beat (database away) is retried at the next interval. Without a
+    heartbeat (SQLite) it does nothing and `settled` stays clear."""
+
+    def __init__(self, study: optuna.Study, trial_id: int):
+        self.rdb, self.trial_id = _backend(study), trial_id
+        self.timing = heartbeat_of(study)
+        self.settled = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if self.timing is not None:
+            _retry(self.rdb.record_heartbeat, self.trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name=f"lorank-heartbeat-{self.trial_id}")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def check(self) -> bool:
+        """True once the trial is no longer running (settled elsewhere); False when unknown."""
+        if self.timing is None or self.settled.is_set():
+            return self.settled.is_set()
+        try:
+            if self.rdb.get_trial(self.trial_id).state != TrialState.RUNNING:
+                self.settled.set()
+        except Exception as err:
+            if not _transient(err):
+                raise
+            _Health.last_error = time.monotonic()
+        return self.settled.is_set()
+
+    def _beat(self) -> None:
+        assert self.timing is not None
+        while not self._stop.wait(self.timing[0]):
+            try:
+                self.rdb.record_heartbeat(self.trial_id)
+                self.check()
+            except Exception:  # never end the beats: the next one may reach the database
+                _Health.last_error = time.monotonic()
+
+
+class _StopWhenSettled(TrainerCallback):
+    """Ends a run whose trial another worker has settled, before it writes another checkpoint
+    into the point's checkpoint directory (which the worker that runs the point now owns)."""
+
+    def __init__(self, beat: _Heartbeat, evaluator: _PruningEvaluator):
+        self.beat, self.evaluator = beat, evaluator
+
+    def on_step_end(self, args, state, control, **kwargs):
+        lost = self.evaluator.lost or self.beat.settled.is_set()
+        if lost or (control.should_save and self.beat.check()):
+            self.evaluator.lost = True
+            control.should_training_stop = True
+            control.should_save = False
+        return control
 
 
 def _key(params: dict[str, Any]) -> tuple:
@@ -159,37 +307,72 @@ def _other_live_workers(out: Path) -> bool:
 
 
 def recover_interrupted(study: optuna.Study, out: Path, orphan_age: float = 600.0) -> int:
-    """Settle RUNNING trials whose worker died (e.g. kill -9): finish them from their result
-    file when it was written, otherwise fail them so their point is enqueued again.
+    """Settle RUNNING trials whose worker died (e.g. kill -9, or its machine went away): finish
+    them from their result file when it was written, otherwise fail them so their point is
+    enqueued again. Returns how many it settled.
 
-    A trial is dead when its recorded worker (host, pid) on this host is gone, or when it has no
-    worker recorded yet (killed between popping and marking) and no other worker of this sweep
-    lives on this host (or it is older than `orphan_age` seconds, for workers elsewhere).
+    With a heartbeat (server storage) a trial is dead when its last beat is older than the
+    grace period (Optuna's stale-trial check, on the database's clock), wherever its worker
+    ran; `pop_trial` beats for a trial before it takes it, so this covers a worker killed
+    between popping and its first beat too. None is judged while this process has seen the
+    storage fail within the grace period (beats missed during an outage say nothing about the
+    workers).
+
+    With SQLite a trial is dead when its recorded worker (host, pid) on this host is gone, or is
+    this very process (which recovers only between trials, so a trial marked with its pid is
+    left from an earlier process that had the same pid). A trial with no worker recorded yet
+    (killed between popping and marking) is dead when no other worker of this sweep lives on
+    this host, or once it is older than `orphan_age` seconds.
     """
     host, n = socket.gethostname(), 0
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # Look for live workers only after listing the trials: a worker registers before it asks
     # for a trial, so every trial listed above that still lacks a pid belongs to a worker whose
     # file is already there (checking first raced with a worker starting meanwhile).
-    others = _other_live_workers(out)
+    timing = heartbeat_of(study)
+    if timing is None:
+        others = _other_live_workers(out)
+    else:
+        stale = _stale_trial_ids(study, grace=timing[1]) if running else set()
     now = time.time()
     for t in running:
         attrs = t.user_attrs
-        if "pid" in attrs:
-            dead = attrs.get("host") == host and not _alive(int(attrs["pid"]))
+        if timing is not None:
+            dead = t._trial_id in stale
+        elif "pid" in attrs:
+            pid = int(attrs["pid"])
+            dead = attrs.get("host") == host and (pid == os.getpid() or not _alive(pid))
         else:
             age = now - t.datetime_start.timestamp() if t.datetime_start else 0.0
             dead = not others or age > orphan_age
-        if not dead:
-            continue
-        record = _result_file_record(out, t)
+        if dead and _settle_dead(study, out, t, "interrupted"):
+            n += 1
+    return n
+
+
+def _stale_trial_ids(study: optuna.Study, grace: int) -> set[int]:
+    """RUNNING trials whose last heartbeat is older than the grace period (Optuna's check);
+    none while this process has seen the storage fail within the grace period."""
+    if _Health.last_error and time.monotonic() - _Health.last_error < grace:
+        return set()
+    return set(_backend(study)._get_stale_trial_ids(study._study_id))
+
+
+def _settle_dead(study: optuna.Study, out: Path, t: optuna.trial.FrozenTrial,
+                 status: str) -> bool:
+    """Settle a RUNNING trial whose worker is gone: from its result file if it wrote one, else
+    FAIL with `status` (its point is then enqueued again). False if another worker settled it
+    first."""
+    record = _result_file_record(out, t)
+    try:
         if record is not None:
             _finish(study, t._trial_id, record)
         else:
-            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            study._storage.set_trial_user_attr(t._trial_id, "status", status)
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        n += 1
-    return n
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
 
 
 def _point_name(point: dict[str, Any]) -> str:
@@ -231,12 +414,16 @@ def _finish(study: optuna.Study, trial_id: int, record: dict[str, Any]) -> None:
 
 
 def pop_trial(study: optuna.Study, url: str, out: Path,
-              spec: SweepSpec | None = None) -> optuna.Trial:
+              spec: SweepSpec | None = None) -> optuna.Trial | None:
     """Pop a waiting trial under the host lock, so that each is popped once.
 
     With `spec`, points whose interrupted run left a checkpoint go first, then the grid's
     (seed-major) order: a point re-enqueued after a kill resumes at once instead of at the end
-    of the queue. Otherwise (or when nothing is waiting) `study.ask()`'s first-queued order."""
+    of the queue; None when other workers took every waiting trial first. With a heartbeat
+    the trial gets a beat just before it is taken, so a worker that dies at once still leaves
+    a trial that goes stale. Without `spec`, `study.ask()`'s first-queued order (a sampled
+    trial when nothing is waiting)."""
+    beats = heartbeat_of(study) is not None
     with host_lock(url, out):
         if spec is not None:
             order = {_key(p): i for i, p in enumerate(spec.grid())}
@@ -250,13 +437,18 @@ def pop_trial(study: optuna.Study, url: str, out: Path,
 
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             for t in sorted(waiting, key=priority):
+                if beats:
+                    _backend(study).record_heartbeat(t._trial_id)
                 try:  # as optuna's own pop: False or an error when another worker took it
                     if study._storage.set_trial_state_values(t._trial_id,
                                                              state=TrialState.RUNNING):
                         return optuna.Trial(study, t._trial_id)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
-        return study.ask()
+            return None
+        with warnings.catch_warnings():  # the heartbeat beats from `_Heartbeat`, not optimize()
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            return study.ask()
 
 
 def settle_points(finished: list[dict[str, Any]], spec: SweepSpec
@@ -388,18 +580,20 @@ class _PruningEvaluator:
             self.lost = True
 
     def _report(self, value: float, step: int) -> None:
-        self.trial.report(value, step)
+        _retry(self.trial.report, value, step)  # the run outlives a database restart
         self.reports.append((step, value))
 
     def __call__(self, model, step: int) -> EvalPoint:
         point = self.inner(model, step)
         try:
+            if self.lost:
+                raise optuna.exceptions.UpdateFinishedTrialError("settled elsewhere")
             self._report(point.val_loss, step)
         except optuna.exceptions.UpdateFinishedTrialError:  # settled by another worker
             self.lost = True
             point.stop, point.message = True, "trial settled by another worker"
             return point
-        if self.trial.should_prune():
+        if _retry(self.trial.should_prune):
             self.pruned_at = step
             point.stop, point.message = True, "pruned"
         return point
@@ -420,13 +614,15 @@ class SweepResult:
 def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict],
               spec: SweepSpec, out: Path, *, pad_token_id: int, storage: str | None = None,
               prune: bool = False, max_trials: int | None = None, progress: bool = True,
-              meta: dict[str, Any] | None = None, command: str | None = None) -> SweepResult:
+              meta: dict[str, Any] | None = None, command: str | None = None,
+              heartbeat: int = HEARTBEAT_INTERVAL, grace: int = GRACE_PERIOD) -> SweepResult:
     """Run (or continue) the sweep; return every finished trial and the rank–loss curve.
     `command` (the CLI line) joins the study's list of the commands that worked on it, which
-    sweep.json carries so that every result can be reproduced."""
+    sweep.json carries so that every result can be reproduced. `heartbeat` and `grace`
+    (seconds) set the liveness check of a database server's storage (see `open_study`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study = open_study(out, storage, prune)
+    study = open_study(out, storage, prune, heartbeat=heartbeat, grace=grace)
     _check_same_sweep(study, spec, meta or {})
     commands = study.user_attrs.get("commands", [])
     if command and command not in commands:
@@ -441,72 +637,144 @@ def run_sweep(model_factory, train_examples: list[dict], val_examples: list[dict
 
 def _work(study, spec, out, model_factory, train_examples, val_examples, pad_token_id,
           max_trials, progress, url) -> SweepResult:
-    recover_interrupted(study, out)
+    """Run trials until every point of the grid (and settle point) is finished or this worker
+    has run `max_trials`. A storage outage ends no worker: after the database is back, a
+    trial this worker held and could not finish is settled (from its result file, or failed
+    and enqueued again to resume from its checkpoint), and the loop goes on."""
     start, done_here = time.time(), 0
     total = len(spec.grid())
-    in_grid = {_key(point) for point in spec.grid()}
+    timing = heartbeat_of(study)
+    poll = min(5.0, float(timing[0])) if timing else 2.0
+    held: list[int] = []  # the trial this worker holds, to settle after an outage
+    args = (study, spec, out, model_factory, train_examples, val_examples, pad_token_id, url,
+            held)
     with progress_bar(progress) as bar:
-        task = bar.add_task("sweep", total=total, completed=_n_finished(study))
+        task = bar.add_task("sweep", total=total, completed=_retry(_n_finished, study))
         while max_trials is None or done_here < max_trials:
-            enqueue_missing(study, spec)  # a skip gone stale meanwhile runs after all
-            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                break
-            trial = pop_trial(study, url, out, spec)
-            point = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
-            if point is None:  # the queue emptied under us: this trial was sampled, not popped
-                trial.set_user_attr("status", "spurious: queue was empty")
-                study.tell(trial, state=TrialState.FAIL)
-                break
-            trial.set_user_attr("host", socket.gethostname())
-            trial.set_user_attr("pid", os.getpid())
-            reasons = {_key(p): why for p, why in settle_points(finished_records(study), spec)}
-            if _key(point) in reasons:
-                trial.set_user_attr("settle_reason", reasons[_key(point)])
-            elif _key(point) not in in_grid:  # queued by an earlier, wider grid: not ours
-                # (a later worker whose grid has it enqueues it again: FAIL is not finished)
-                trial.set_user_attr("status", "skipped: outside this worker's grid")
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            if not _claim(study, trial, point):
-                trial.set_user_attr("status", "skipped: another trial has this point")
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            # the point stays in the queue's fixed params (and a user attr), not in suggested
-            # params, so a later run can extend the grid without distribution clashes
-            trial.set_user_attr("point", point)
-            reason = dominated_reason(finished_records(study), spec, point)
-            if reason is not None:
-                _skip(study, trial, point, reason, out)
+            try:
+                outcome = _work_once(*args)
                 bar.update(task, completed=_n_finished(study))
+            except Exception as err:
+                if not _transient(err):
+                    raise
+                _Health.last_error = time.monotonic()
+                _retry(_release, study, out, held)  # waits for the database to answer again
                 continue
-            _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
-                       pad_token_id, out)
-            done_here += 1
-            bar.update(task, completed=_n_finished(study))
-    return summarize(study, spec, out, wall_seconds=time.time() - start)
+            if outcome == "done":
+                break
+            if outcome == "wait":  # others hold the rest: poll until they finish or die
+                time.sleep(poll)
+            done_here += outcome == "ran"
+    return _retry(summarize, study, spec, out, wall_seconds=time.time() - start)
+
+
+def _release(study: optuna.Study, out: Path, held: list[int]) -> None:
+    """Settle the trials this worker held when a storage call failed, if still RUNNING."""
+    for trial_id in list(held):
+        t = study._storage.get_trial(trial_id)
+        if t.state == TrialState.RUNNING:
+            _settle_dead(study, out, t, "interrupted: storage unreachable")
+        held.remove(trial_id)
+
+
+def _wanted(study: optuna.Study, spec: SweepSpec) -> set[tuple]:
+    """The points this worker would run and that have no answer yet: its grid and the settle
+    points due now, less the finished ones."""
+    finished = finished_records(study)
+    return (({_key(p) for p in spec.grid()}
+             | {_key(p) for p, _ in settle_points(finished, spec)})
+            - {_key(t) for t in finished})
+
+
+def _work_once(study, spec, out, model_factory, train_examples, val_examples, pad_token_id,
+               url, held) -> str:
+    """One step of a worker: settle dead workers' trials, enqueue what is missing, then pop
+    and run (or skip) one trial. Returns "ran", "skipped", "wait" (nothing waiting but
+    wanted points are running elsewhere) or "done"."""
+    recover_interrupted(study, out)
+    enqueue_missing(study, spec)  # a skip gone stale meanwhile runs after all
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        wanted = _wanted(study, spec)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return "wait" if any(_point_of(t) and _key(_point_of(t)) in wanted
+                             for t in running) else "done"
+    trial = pop_trial(study, url, out, spec)
+    if trial is None:  # other workers took the waiting trials first
+        return "skipped"
+    held[:] = [trial._trial_id]
+    try:
+        with _Heartbeat(study, trial._trial_id) as beat:
+            outcome = _hold(study, trial, spec, out, beat, model_factory, train_examples,
+                            val_examples, pad_token_id)
+    except optuna.exceptions.UpdateFinishedTrialError:  # this worker stalled past the grace
+        outcome = "skipped"  # period: another worker failed its trial and runs the point
+    held.clear()
+    return outcome
+
+
+def _hold(study, trial, spec, out, beat, model_factory, train_examples, val_examples,
+          pad_token_id) -> str:
+    """Claim the popped trial's point and run it, skip it, or retire the trial."""
+    point = study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+    if point is None:  # not a queued point (none is sampled by this worker)
+        trial.set_user_attr("status", "spurious: not a queued point")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        return "skipped"
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    reasons = {_key(p): why for p, why in settle_points(finished_records(study), spec)}
+    if _key(point) in reasons:
+        trial.set_user_attr("settle_reason", reasons[_key(point)])
+    elif _key(point) not in {_key(p) for p in spec.grid()}:  # queued by a wider grid
+        # (a later worker whose grid has it enqueues it again: FAIL is not finished)
+        trial.set_user_attr("status", "skipped: outside this worker's grid")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        return "skipped"
+    if not _claim(study, trial, point):
+        trial.set_user_attr("status", "skipped: another trial has this point")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        return "skipped"
+    # the point stays in the queue's fixed params (and a user attr), not in suggested
+    # params, so a later run can extend the grid without distribution clashes
+    trial.set_user_attr("point", point)
+    reason = dominated_reason(finished_records(study), spec, point)
+    if reason is not None:
+        _skip(study, trial, point, reason, out)
+        return "skipped"
+    _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
+               pad_token_id, out, beat)
+    return "ran"
 
 
 def _run_trial(study, trial, point, spec, model_factory, train_examples, val_examples,
-               pad_token_id, out) -> None:
-    """Train one grid point; write its result file, then store it in the study."""
+               pad_token_id, out, beat: _Heartbeat | None = None) -> None:
+    """Train one grid point; write its result file, then store it in the study. A run whose
+    trial another worker settled meanwhile stores nothing and leaves the checkpoints alone."""
     config = spec.config(point)
     evaluator = _PruningEvaluator(
         ValLossEvaluator(val_examples, pad_token_id, config.eval_batch_size or config.batch_size),
         trial)
+    beat = beat or _Heartbeat(study, trial._trial_id)
     checkpoints = checkpoint_dir(out, point)
-    result = train_lora(model_factory, train_examples, val_examples, config,
-                        pad_token_id=pad_token_id, evaluator=evaluator, progress=False,
-                        out_dir=checkpoints, resume=True)
+    try:
+        result = train_lora(model_factory, train_examples, val_examples, config,
+                            pad_token_id=pad_token_id, evaluator=evaluator, progress=False,
+                            out_dir=checkpoints, resume=True,
+                            callbacks=[_StopWhenSettled(beat, evaluator)])
+    except Exception:
+        if evaluator.lost or beat.settled.is_set():  # its files went to the new holder
+            return
+        raise
     record = result.to_dict() | {"point": point, "trial": trial.number,
                                  "per_example": result.best_val_losses}
     if reason := trial.user_attrs.get("settle_reason"):
         record["settle_reason"] = reason
-    if evaluator.lost:  # its point was re-enqueued; whoever holds it now stores the answer
+    if evaluator.lost or beat.check():  # re-enqueued; whoever holds it now stores the answer
         return
     if evaluator.pruned_at is not None:
         record["status"] = "pruned"
-    _store(study, trial, point, record, out)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if _store(study, trial, point, record, out):
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _skip(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any], reason: str,
@@ -518,16 +786,18 @@ def _skip(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any], reaso
 
 
 def _store(study: optuna.Study, trial: optuna.Trial, point: dict[str, Any],
-           record: dict[str, Any], out: Path) -> None:
+           record: dict[str, Any], out: Path) -> bool:
     """Write the point's result file first (recovery reads it after a crash), then settle the
-    trial; one settled meanwhile by another worker's recovery already holds this answer."""
+    trial. True when the trial holds this answer: stored here, or by another worker's recovery
+    from the result file; False when that recovery failed it (its point runs again)."""
     path = _result_path(out, point)
     path.parent.mkdir(exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))
     try:
-        _finish(study, trial._trial_id, record)
+        _retry(_finish, study, trial._trial_id, record)
     except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+        return bool(_retry(_backend(study).get_trial, trial._trial_id).user_attrs.get(FINISHED))
+    return True
 
 
 def _n_finished(study: optuna.Study) -> int:
