@@ -7,12 +7,11 @@ from __future__ import annotations
 import ast
 import json
 import math
-import sys
 
 import pytest
 import yaml
+from test_cli import run
 
-from lorank import cli
 from lorank.decide import decide
 from lorank.estimators.base import Evidence
 from lorank.export import (
@@ -267,15 +266,6 @@ def test_snippets_md_holds_every_export(swept):
         assert export_config(rec, name).rstrip("\n") in md, name
 
 
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lorank", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", list(FRAMEWORKS))
