@@ -29,12 +29,12 @@ import numpy as np
 
 from lorank.api import versions
 from lorank.bench.score import (
-    acceptable_ranks,
     full_sweep_steps,
     load_sweep,
     pending_tasks,
     truth,
 )
+from lorank.scoring import acceptable_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("probe lr", "probe lr, early stop", "best lr per rank")
@@ -100,7 +100,7 @@ def replay(task_dir: Path, variant: str) -> dict | None:
         lo, hi = (lo, ranks.index(m)) if ok else (ranks.index(m) + 1, hi)
     final = ranks[hi]
     full = full_sweep_steps(sweep)
-    acceptable = acceptable_ranks(right)
+    acceptable = acceptable_set(right)
     return {"task": task_dir.name, "variant": variant, "probe_pick": pick, "probe_lr": lr,
             "pick": final, "r_star": right.r_star, "acceptable": final in acceptable,
             "within_2x": final in acceptable and final <= 2 * right.r_star,

@@ -58,8 +58,20 @@ def fit_head_on_frozen_features(
     """
     if not examples or not isinstance(examples[0]["labels"], int):
         raise ValueError("fit_head_on_frozen_features needs classification examples (int labels)")
-    examples = sorted(examples, key=lambda e: len(e["input_ids"]))  # stable: deterministic
     name, head = find_classification_head(model)
+    cached = frozen_head_features(model, examples, pad_token_id=pad_token_id,
+                                  batch_size=batch_size)
+    return {"head": name, **train_head(model, head, cached, steps=steps, lr=lr, seed=seed)}
+
+
+@torch.no_grad()
+def frozen_head_features(model: nn.Module, examples: list[dict], *, pad_token_id: int,
+                         batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """The classification head's inputs on frozen features, one {"x", "y"} per batch: the body
+    runs once, without gradients, over the examples in length order (little padding), and
+    each batch keeps its own labels so features and labels stay paired."""
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))  # stable: deterministic
+    _, head = find_classification_head(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -67,18 +79,15 @@ def fit_head_on_frozen_features(
     seen: dict[str, Any] = {}
     handle = head.register_forward_hook(_head_input_hook(seen))
     try:
-        with torch.no_grad():
-            for b in range(0, len(examples), batch_size):
-                batch = {
-                    k: v.to(device)
-                    for k, v in collate(examples[b : b + batch_size], pad_token_id).items()
-                }
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                cached.append(_head_features(seen, batch))
+        for b in range(0, len(examples), batch_size):
+            batch = {k: v.to(device)
+                     for k, v in collate(examples[b:b + batch_size], pad_token_id).items()}
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            cached.append(_head_features(seen, batch))
     finally:
         handle.remove()
         model.train(was_training)
-    return {"head": name, **train_head(model, head, cached, steps=steps, lr=lr, seed=seed)}
+    return cached
 
 
 def _head_input_hook(seen: dict[str, Any]):

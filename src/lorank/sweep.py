@@ -488,7 +488,7 @@ def enqueue_missing(study: optuna.Study, spec: SweepSpec) -> int:
         if t.state in (TrialState.RUNNING, TrialState.WAITING) or t.number in settled:
             covered.add(_key(point))
     n = 0
-    extra = [p for p, _ in settle_points(finished_records(study), spec)]
+    extra = [p for p, _ in settle_points(finished_records(study), spec)] if spec.settle else []
     for point in spec.grid() + extra:
         if _key(point) not in covered:
             study.enqueue_trial(point, skip_if_exists=False)
@@ -722,7 +722,8 @@ def _hold(study, trial, spec, out, beat, model_factory, train_examples, val_exam
         return "skipped"
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
-    reasons = {_key(p): why for p, why in settle_points(finished_records(study), spec)}
+    reasons = {_key(p): why for p, why in settle_points(finished_records(study), spec)} \
+        if spec.settle else {}
     if _key(point) in reasons:
         trial.set_user_attr("settle_reason", reasons[_key(point)])
     elif _key(point) not in {_key(p) for p in spec.grid()}:  # queued by a wider grid

@@ -400,11 +400,6 @@ def probe_curves(task_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
     return curves
 
 
-def acceptable_ranks(right: RightRank) -> list[int]:
-    """Every rank within tolerance of the best: the ranks a pick may land on without regret."""
-    return acceptable_set(right)
-
-
 def seed_losses(sweep: dict[str, Any]) -> dict[int, list[np.ndarray]]:
     """Per rank, one per-example loss vector per seed at that rank's best lr (the curve's)."""
     out = {}
@@ -445,7 +440,7 @@ def calibration_rows(results: Path) -> list[CalibrationRow]:
             kind="classification" if meta.get("format") == "classification" else "generation",
             bits=float(cap["details"]["total_bits"]),
             params={int(r): float(p) for r, p in cap["details"]["adapter_params"].items()},
-            acceptable=acceptable_ranks(right), r_star=right.r_star,
+            acceptable=acceptable_set(right), r_star=right.r_star,
             epochs=round(recipe["steps"] * recipe["batch_size"] / meta["n_train"], 4),
             losses=dict(right.L),
             data_hash=meta.get("data_hash", "")))

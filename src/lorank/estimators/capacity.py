@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorank.data import DataProfile, collate
+from lorank.data import DataProfile
 from lorank.estimators.base import Evidence
-from lorank.heads import _head_features, _head_input_hook, find_classification_head
+from lorank.heads import frozen_head_features
 from lorank.planned_run import PlannedRun
 from lorank.targets import TargetSet
 
@@ -239,25 +239,10 @@ def frozen_head_bits(model: torch.nn.Module, examples: list[dict], *, pad_token_
     adapter has to add is what these features do not already separate, not the label entropy.
     """
     picked = random.Random(seed).sample(examples, min(sample, len(examples)))
-    picked.sort(key=lambda e: len(e["input_ids"]))
-    _, head = find_classification_head(model)
-    device = next(model.parameters()).device
-    seen: dict[str, Any] = {}
-    handle = head.register_forward_hook(_head_input_hook(seen))
-    was_training = model.training
-    model.eval()
-    xs, ys = [], []
-    try:
-        for b in range(0, len(picked), batch_size):
-            batch = {k: v.to(device)
-                     for k, v in collate(picked[b:b + batch_size], pad_token_id).items()}
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            f = _head_features(seen, batch)
-            xs.append(f["x"].cpu())
-            ys.append(f["y"].cpu())
-    finally:
-        handle.remove()
-        model.train(was_training)
+    cached = frozen_head_features(model, picked, pad_token_id=pad_token_id,
+                                  batch_size=batch_size)
+    xs = [c["x"].cpu() for c in cached]
+    ys = [c["y"].cpu() for c in cached]
     x, y = torch.cat(xs).double(), torch.cat(ys)
     n_classes = int(getattr(model.config, "num_labels", 0) or int(y.max()) + 1)
     return {"bits_per_example": cross_fitted_bits(x, y, n_classes, seed=seed),
