@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorank.callback import effective_rank, update_singular_values
+from lorank.callback import effective_rank, update_singular_values, update_svd
 from lorank.errors import LorankError
 from lorank.util import atomic_write_text
 
@@ -149,10 +149,8 @@ def shrink_adapter(path: str | Path, out: str | Path, *, rank: int | None = None
     errors = {}
     for name, (stem, a, b) in factors.items():
         k, s = new_ranks[name], layers[name].scale
-        qb, rb = torch.linalg.qr(b.double())
-        qa, ra = torch.linalg.qr(a.double().T)
-        u, sv, vh = torch.linalg.svd(rb @ ra.T)
-        u, sv, v = qb @ u[:, :k], sv[:k] * s, qa @ vh[:k].T
+        u, sv, v = update_svd(a, b, torch.float64)
+        u, sv, v = u[:, :k], sv[:k] * s, v[:, :k]
         s_new = _scale(config, name, k)
         root = sv.sqrt()
         new_weights[stem + ".lora_B.weight"] = ((u * root) / s_new).to(b.dtype).contiguous()

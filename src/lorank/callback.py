@@ -46,11 +46,20 @@ def lora_factors(model: torch.nn.Module, adapter: str = "default"
 
 
 @torch.no_grad()
+def update_svd(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, V of B @ A (B: d_out x r, A: r x d_in; B A = U diag(S) V^T) from the factors:
+    B = Qb Rb, A^T = Qa Ra, then the r x r SVD of Rb Ra^T."""
+    qb, rb = torch.linalg.qr(b.detach().to(dtype))
+    qa, ra = torch.linalg.qr(a.detach().to(dtype).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, qa @ vh.T
+
+
+@torch.no_grad()
 def update_singular_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Singular values of B @ A (B: d_out x r, A: r x d_in) from the factors alone."""
-    _, rb = torch.linalg.qr(b.detach().float())
-    _, ra = torch.linalg.qr(a.detach().float().T)
-    return torch.linalg.svdvals(rb @ ra.T)
+    """Singular values of B @ A from the factors alone."""
+    return update_svd(a, b)[1]
 
 
 def effective_rank(s: torch.Tensor) -> float:
