@@ -17,6 +17,7 @@ from lorank.bench.baselines import (
     run_layerwise,
 )
 from lorank.data import collate
+from lorank.errors import LorankError
 from lorank.estimators.gradient import summed_loss
 from lorank.targets import resolve_targets
 
@@ -129,3 +130,22 @@ def test_each_baseline_chooses_ranks_and_trains(name, classification):
     assert [r["seed"] for r in result.runs] == [0, 1]
     assert all(len(r["per_example"]) == len(task.val) for r in result.runs)
     assert np.isfinite(result.per_example()).all()
+
+
+def test_gradient_pattern_keeps_the_spectrum_shape_within_the_budget():
+    task = tiny_task(False)
+    layers = [t.name for t in task.targets.layers]
+    # a planted spectrum: the first half of the layers asks for 8x the rank of the rest
+    task.gradient_pattern = {n: (32 if i < len(layers) // 2 else 4) for i, n in enumerate(layers)}
+    task.gradient_seconds = 1.5
+    result = run_layerwise("gradient", task, max_rank=16, progress=False)
+    high = [result.rank_pattern[n] for n in layers[: len(layers) // 2]]
+    low = [result.rank_pattern[n] for n in layers[len(layers) // 2 :]]
+    assert min(high) > max(low)
+    budget = BUDGET_RANK * sum(t.d_in + t.d_out for t in task.targets.layers)
+    assert sum(result.rank_pattern[t.name] * (t.d_in + t.d_out)
+               for t in task.targets.layers) <= budget
+    assert result.decide_seconds == 1.5 and len(result.runs) == 2
+    task.gradient_pattern = {}
+    with pytest.raises(LorankError, match="gradient spectrum"):
+        run_layerwise("gradient", task, progress=False)

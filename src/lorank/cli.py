@@ -302,7 +302,7 @@ def bench(
                             "(comma-separated: capacity, gradient, svd-probe, nested-probe); "
                             "their Evidence is stored and reused"),
     baselines: str = typer.Option("", help="first train these per-layer baselines on every "
-                                  "task with a sweep (comma-separated: eva, adalora, fisher); "
+                                  "task with a sweep (comma-separated: eva, adalora, fisher, gradient); "
                                   "stored in TASK/baselines and reused"),
     tasks: str = typer.Option("", help="only run --run / --baselines on these tasks "
                               "(comma-separated folder names); scoring covers every task"),

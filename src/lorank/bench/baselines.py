@@ -1,6 +1,7 @@
-"""Per-layer rank baselines people use today, run in the benchmark's harness.
+"""Per-layer rank baselines people use today, and lorank's own pattern, run in the benchmark's
+harness.
 
-Three methods spread a rank budget over layers instead of picking one rank:
+Four methods spread a rank budget over layers instead of picking one rank:
 
 - **EVA** (PEFT `init_lora_weights="eva"`, `EvaConfig()` defaults: rho=2, tau=0.99): SVD of
   each layer's input activations on the training data; the budget r x layers goes to the
@@ -12,6 +13,11 @@ Three methods spread a rank budget over layers instead of picking one rank:
 - **Fisher diagonal**: per layer the empirical Fisher mass sum_e ||dL_e/dW||_F^2 over
   calibration examples (from the layer's inputs and output gradients, as a Gram identity:
   no full-weight gradient is formed), and the budget's parameters split in proportion to it.
+- **lorank's gradient pattern**: the per-layer ranks of the task's stored gradient spectrum
+  (`estimators/gradient.json`, the `rank_pattern` `analyze` reports) taken as relative sizes:
+  the same budget split so that each layer's rank is in proportion to its spectrum rank. Scored
+  against the uniform rank of equal parameters, it says whether lorank's pattern earns its place
+  in an exported config.
 
 Each method trains with the task's recipe (targets, steps, batch, warm-up, evaluation) at the
 sweep's best learning rate for the budget rank, one run per sweep seed, and stores its
@@ -42,7 +48,7 @@ from lorank.targets import TargetSet, resolve_targets
 from lorank.train import TrainConfig, train_lora
 from lorank.util import atomic_write_text, ticker
 
-BASELINES = ("eva", "adalora", "fisher")
+BASELINES = ("eva", "adalora", "fisher", "gradient")
 BUDGET_RANK = 8  # the budget each method spreads: PEFT's default r (also AdaLoRA's target_r)
 
 
@@ -215,6 +221,8 @@ class TaskRun:
     seeds: list[int]
     lr: float
     classification: bool
+    gradient_pattern: dict[str, int] = field(default_factory=dict)  # stored spectrum's ranks
+    gradient_seconds: float = 0.0  # what measuring that spectrum cost
 
 
 def run_layerwise(name: str, task: TaskRun, *, budget_rank: int = BUDGET_RANK,
@@ -241,6 +249,16 @@ def run_layerwise(name: str, task: TaskRun, *, budget_rank: int = BUDGET_RANK,
         result.decide_seconds = time.time() - t0
         result.notes = (f"budget = params of r={budget_rank} everywhere; ranks in proportion "
                         "to Fisher mass")
+
+    if name == "gradient":
+        if not task.gradient_pattern:
+            raise LorankError("the gradient pattern needs the task's stored gradient spectrum "
+                              "(estimators/gradient.json, written by lorank bench --run)")
+        masses = {n: task.gradient_pattern.get(n, 0) * sizes[n] for n in sizes}
+        result.rank_pattern = allocate_budget(masses, sizes, budget, max_rank=max_rank)
+        result.decide_seconds = task.gradient_seconds
+        result.notes = (f"budget = params of r={budget_rank} everywhere; ranks in proportion "
+                        "to the gradient spectrum's per-layer ranks")
 
     for seed in task.seeds:
         run_config = TrainConfig.from_dict(config.to_dict() | {"seed": seed})
@@ -270,7 +288,7 @@ def _method_setup(name: str, config: TrainConfig, task: TaskRun, result: Layerwi
     from peft import AdaLoraConfig, EvaConfig, LoraConfig
 
     base = config.lora_config()
-    if name == "fisher":
+    if name in ("fisher", "gradient"):
         return LoraConfig(**{**_fields(base), "rank_pattern": result.rank_pattern}), None, []
     if name == "eva":
         from peft import initialize_lora_eva_weights
@@ -326,10 +344,14 @@ def task_run(task_dir: Path) -> TaskRun:
     curve = sweep["curve"]
     at = str(BUDGET_RANK) if str(BUDGET_RANK) in curve else min(curve, key=lambda r: abs(
         int(r) - BUDGET_RANK))
+    gradient_path = task_dir / "estimators" / "gradient.json"
+    gradient = json.loads(gradient_path.read_text()) if gradient_path.exists() else {}
+    pattern = gradient.get("rank_pattern") or {}
     return TaskRun(model_factory_from(loaded.model), prepared.train, prepared.val,
                    loaded.pad_token_id, targets, sweep["spec"]["recipe"],
                    list(sweep["spec"]["seeds"]), float(curve[at]["lr"]),
-                   prepared.fmt == "classification")
+                   prepared.fmt == "classification", {k: int(v) for k, v in pattern.items()},
+                   float(gradient.get("cost_seconds", 0.0)))
 
 
 def run_task_baselines(task_dir: Path, names: Sequence[str], *, progress: bool = True

@@ -310,7 +310,8 @@ def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
 
 
 LAYERWISE_LABELS = {"eva": "PEFT EVA (per layer)", "adalora": "PEFT AdaLoRA (per layer)",
-                    "fisher": "Fisher diagonal (per layer)"}
+                    "fisher": "Fisher diagonal (per layer)",
+                    "gradient": "lorank gradient pattern (per layer)"}
 
 
 RULE_QUANTILES = (0.5, 0.9)
