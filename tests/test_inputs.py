@@ -36,8 +36,8 @@ def test_package_level_api_mirrors_the_cli():
 
 
 def test_a_cached_datasets_name_loads_offline(tmp_path, monkeypatch):
-    """A hub dataset already in the `datasets` cache loads with the network off; an uncached
-    name is refused with one line (no download is attempted)."""
+    """A hub dataset already in the `datasets` cache loads with the network off (--offline);
+    an uncached name is refused with one line (no download is attempted)."""
     import datasets
     import datasets.config
 
@@ -53,11 +53,12 @@ def test_a_cached_datasets_name_loads_offline(tmp_path, monkeypatch):
         arrow.rename(arrow.with_name(arrow.name.replace("json-", "toy-", 1)))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # hub_offline must set it
-    records, fmt = read_dataset("someone/toy")
+    records, fmt = read_dataset("someone/toy", offline=True)
     assert fmt == "prompt-completion" and records == ROWS
     assert datasets.config.HF_HUB_OFFLINE is False  # restored afterwards
-    with pytest.raises(LorankError, match="'someone/absent' not found: .* local cache"):
-        read_dataset("someone/absent")
+    with pytest.raises(LorankError, match="'someone/absent' is not a local file or folder, nor "
+                       "a `datasets` name in the local cache, and --offline forbids"):
+        read_dataset("someone/absent", offline=True)
 
 
 def _plant_in_hub_cache(hub: Path, repo_id: str, files_from: Path) -> None:
@@ -68,26 +69,30 @@ def _plant_in_hub_cache(hub: Path, repo_id: str, files_from: Path) -> None:
     (repo / "refs" / "main").write_text("0" * 40)
 
 
-def test_a_cached_hub_id_loads_from_the_cache_only(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_cached_hub_id_loads_from_the_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """--offline: a hub id in the Hugging Face cache loads from its snapshot, transformers
+    never asked to reach the network; one not cached is one line saying how to fetch it."""
     import huggingface_hub.constants as hub_constants
 
     hub = tmp_path / "hub"
     _plant_in_hub_cache(hub, "someone/tiny-llama", tiny_llama_dir)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    asked_network = []
+    read_from = []
     real = models_mod.AutoConfig.from_pretrained
 
     def config_from(path, **kw):
-        asked_network.append(kw.get("local_files_only") is not True)
+        read_from.append(str(path))
         return real(path, **kw)
 
     monkeypatch.setattr(models_mod.AutoConfig, "from_pretrained", config_from)
-    loaded = load_model("someone/tiny-llama")
+    loaded = load_model("someone/tiny-llama", offline=True)
     assert loaded.model.config.num_hidden_layers == 2
-    assert asked_network and not any(asked_network)
-    with pytest.raises(LorankError, match="not found: .*hub id in the local cache.*smollm2-135m"):
-        load_model("someone/not-cached")
+    assert loaded.path == "someone/tiny-llama"  # exported configs name the hub id
+    assert read_from and all(Path(p).is_dir() and str(hub) in p for p in read_from)
+    with pytest.raises(LorankError, match="model 'someone/not-cached' is not in the local "
+                       "Hugging Face cache and --offline forbids .*hf download someone/not-cached"):
+        load_model("someone/not-cached", offline=True)
 
 
 def test_a_gguf_file_is_dequantized_once_then_read_from_its_cache(tmp_path, monkeypatch):

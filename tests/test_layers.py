@@ -16,7 +16,7 @@ PACKAGE = SRC / "lorank"
 # Lowest first. A name covers its submodules (`lorank.estimators` holds every estimator), except
 # `lorank`, which names only the package's own __init__.
 LAYERS: list[tuple[str, ...]] = [
-    ("lorank.util", "lorank.errors", "lorank.offline"),
+    ("lorank.util", "lorank.errors", "lorank.hub"),
     ("lorank.data", "lorank.models", "lorank.targets", "lorank.planned_run", "lorank.losses",
      "lorank.heads", "lorank.hooks", "lorank.plots"),
     ("lorank.estimators", "lorank.train", "lorank.scoring", "lorank.callback", "lorank.adapters"),

@@ -58,24 +58,27 @@ def seed_everything(seed: int) -> None:
 def prepare_inputs(model: str | LoadedModel, data: str | Path, *, fmt: str | None = None,
                    val_data: str | Path | None = None, max_length: int = 512, seed: int = 0,
                    dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-                   ) -> tuple[LoadedModel, data_mod.PreparedData]:
-    """Load the model and the data together (the data decides the classification label count)."""
-    records, fmt = data_mod.read_dataset(data, fmt)
+                   offline: bool = False) -> tuple[LoadedModel, data_mod.PreparedData]:
+    """Load the model and the data together (the data decides the classification label count).
+
+    A hub model id or `datasets` name downloads into the Hugging Face cache when missing;
+    `offline` (or HF_HUB_OFFLINE) reads the cache only."""
+    records = data_mod.read_data(data, fmt, val_source=val_data, offline=offline)
+    fmt = records.fmt
     if isinstance(model, str):
         num_labels = None
         if fmt == "classification":
-            extra = data_mod.read_dataset(val_data, fmt)[0] if val_data else []
-            label_ids = data_mod.label_vocabulary(records + extra)
-            data_mod.check_labels(label_ids, data)  # before the model loads
+            label_ids = data_mod.label_vocabulary(records.train + (records.val or []))
+            data_mod.check_labels(label_ids, records.train_from)  # before the model loads
             num_labels = len(label_ids)
         model = load_model(model, task="classification" if fmt == "classification" else None,
                            num_labels=num_labels, dtype=dtype, device=device,
-                           trust_remote_code=trust_remote_code, seed=seed)
+                           trust_remote_code=trust_remote_code, seed=seed, offline=offline)
     if (fmt == "classification") != (model.task == "classification"):
         raise LorankError(f"{data}: format {fmt} does not fit a {model.task} model "
                           f"({model.source}); classification data needs an encoder/classifier")
-    prepared = data_mod.prepare(data, model.tokenizer, fmt=fmt, val_source=val_data,
-                                max_length=max_length, seed=seed)
+    prepared = data_mod.prepare_records(records, model.tokenizer, max_length=max_length,
+                                        seed=seed)
     return model, prepared
 
 
@@ -89,7 +92,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
               gradient_max_rank: int | None = None, gradient_replay_mb: float | None = None,
               sweep: str | Path | None = None,
               out: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
-              trust_remote_code: bool = False, progress: bool = True) -> Recommendation:
+              trust_remote_code: bool = False, progress: bool = True,
+              offline: bool = False) -> Recommendation:
     """Measure the data and the model and recommend a LoRA rank, alpha and targets.
 
     The planned run (`epochs` or `steps`, `batch_size`, `lr`; neither length given means
@@ -98,7 +102,8 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
     `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
     decides. `rank` forces a rank and only checks it against the targets (the evidence is
-    still reported).
+    still reported). A hub model id or `datasets` name downloads into the Hugging Face cache
+    when missing; `offline` (or HF_HUB_OFFLINE) reads the cache only.
     """
     planned = PlannedRun(epochs=epochs, steps=steps, batch_size=batch_size,
                          lr=lr if isinstance(lr, (int, float)) else None)
@@ -113,7 +118,7 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     seed_everything(seed)
     loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
                                       max_length=max_length, seed=seed, dtype=dtype, device=device,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, offline=offline)
     if "probe" in estimators and budget in (None, "auto") and (epochs or steps):
         budget = str(planned.steps_over(len(prepared.train)))  # the probe trains the planned run
     target_set = resolve_targets(loaded.model, targets)
@@ -515,13 +520,14 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
           max_trials: int | None = None, gradient_checkpointing: bool = False,
           out: str | Path = "lorank-sweep", seed: int = 0, dtype: str = "float32",
           device: str = "cpu", trust_remote_code: bool = False, progress: bool = True,
-          command: str | None = None, heartbeat: int | None = None, grace: int | None = None):
+          command: str | None = None, heartbeat: int | None = None, grace: int | None = None,
+          offline: bool = False):
     """Independent LoRA runs over ranks x lrs x seeds (resumable; see `lorank.sweep`);
     `settle` then adds seeds where a rank's verdict hinges on seed noise (`settle_points`);
     `command`, the CLI line, is recorded in the study for reproduction. With a database
     server's `storage`, a worker beats every `heartbeat` seconds while it holds a trial, and a
     trial silent for `grace` seconds is failed and its point run again (defaults:
-    `lorank.sweep.HEARTBEAT_INTERVAL`, `GRACE_PERIOD`)."""
+    `lorank.sweep.HEARTBEAT_INTERVAL`, `GRACE_PERIOD`). `offline`: as in `recommend`."""
     from lorank.sweep import (
         GRACE_PERIOD,
         HEARTBEAT_INTERVAL,
@@ -543,7 +549,8 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
     out = ensure_writable(Path(out))
     loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
                                       max_length=max_length, seed=seed, dtype=dtype,
-                                      device=device, trust_remote_code=trust_remote_code)
+                                      device=device, trust_remote_code=trust_remote_code,
+                                      offline=offline)
     target_set = resolve_targets(loaded.model, targets)
     for r in ranks:
         target_set.check_rank(r)
@@ -561,10 +568,13 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
     meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
             "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
             "targets": targets, "max_length": max_length, "split_seed": seed,
-            "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions()}
-    return run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
+            "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions(),
+            "data_notes": prepared.notes}
+    result = run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
                      pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
                      max_trials=max_trials, progress=progress, meta=meta, command=command,
                      heartbeat=HEARTBEAT_INTERVAL if heartbeat is None else heartbeat,
                      grace=GRACE_PERIOD if grace is None else grace)
+    result.data_notes = prepared.notes
+    return result
 

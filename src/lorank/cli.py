@@ -24,8 +24,9 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, cached hub id, .gguf file, "
-                        "or alias: smollm2-135m, minilm-l6")
+ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, hub id (org/name: "
+                        "downloaded when not cached), .gguf file, or alias: smollm2-135m, "
+                        "minilm-l6")
 CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "
                         "into halves A and B)")
 BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
@@ -36,7 +37,10 @@ EpochsOpt = typer.Option(None, help="the planned run: passes over the training d
 StepsOpt = typer.Option(None, min=1, help="the planned run: optimizer steps, instead of --epochs")
 RemoteCodeOpt = typer.Option(False, help="allow the model's own code to run (off by default)")
 DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
-                       "them, or a cached `datasets` name")
+                       "them (train-*/test-* files: splits), a `save_to_disk` folder, or a "
+                       "`datasets` name")
+OfflineOpt = typer.Option(False, help="read hub models and datasets from the local cache only "
+                          "(as HF_HUB_OFFLINE=1): never download")
 
 
 @app.command()
@@ -69,6 +73,7 @@ def recommend(
     calib: int = CalibOpt,
     sweep: Path = typer.Option(None, help="a `lorank sweep --out` directory on this data: its "
                                "measured rank–loss curve decides"),
+    offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
@@ -77,7 +82,7 @@ def recommend(
                seed=seed, out=out,
                dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
                probe_method=probe_method, probe_max_rank=probe_max_rank, lr=_lrs(lr), calib=calib,
-               sweep=sweep, progress=not quiet)
+               sweep=sweep, offline=offline, progress=not quiet)
 
 
 @app.command()
@@ -105,6 +110,7 @@ def analyze(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
     trust_remote_code: bool = RemoteCodeOpt,
+    offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Rank from the data before any training: the gradient spectrum, per layer and overall."""
@@ -113,7 +119,7 @@ def analyze(
                dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
                gradient_max_rank=max_rank, sketch_check=sketch_check,
-               gradient_replay_mb=replay_mb, progress=not quiet)
+               gradient_replay_mb=replay_mb, offline=offline, progress=not quiet)
     say(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
 
 
@@ -157,6 +163,7 @@ def probe(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
     trust_remote_code: bool = RemoteCodeOpt,
+    offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """The whole rank–loss curve from one training run; recommend from it alone."""
@@ -164,7 +171,8 @@ def probe(
                batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
                dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("capacity", "probe"),
-               budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr), progress=not quiet)
+               budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr),
+               offline=offline, progress=not quiet)
 
 
 @app.command()
@@ -175,6 +183,7 @@ def targets(
                                    "labels [2 for a classifier model]"),
     batch_size: int = typer.Option(8, min=1, help="batch size for the memory model"),
     seq_len: int = typer.Option(512, min=1, help="sequence length for the memory model"),
+    offline: bool = OfflineOpt,
 ) -> None:
     """List the target modules, their shapes, and params / memory per rank."""
     from rich.table import Table
@@ -184,11 +193,11 @@ def targets(
     from lorank.report import human_bytes, human_count
     from lorank.targets import adapter_bytes, memory_estimate, resolve_targets
 
-    assumed_labels = num_labels is None and model_task(model) == "classification"
+    assumed_labels = num_labels is None and model_task(model, offline=offline) == "classification"
     if assumed_labels:  # the head's size only moves the counts by its own few parameters
         num_labels = 2
     loaded = load_model(model, task="classification" if num_labels else None,
-                        num_labels=num_labels)
+                        num_labels=num_labels, offline=offline)
     ts = resolve_targets(loaded.model, targets)
     shapes = Table(title=f"{len(ts.layers)} target modules", header_style="bold")
     for col in ("module", "d_in", "d_out", "group"):
@@ -245,6 +254,7 @@ def sweep(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
     trust_remote_code: bool = RemoteCodeOpt,
+    offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Train one LoRA per (rank, lr, seed); resumable; writes sweep.json and rank_loss.png."""
@@ -278,8 +288,11 @@ def sweep(
                        out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                        progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]),
-                       heartbeat=heartbeat, grace=grace)
+                       heartbeat=heartbeat, grace=grace, offline=offline)
     from rich.table import Table
+
+    for note in result.data_notes:
+        say(note)
 
     table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")
     for col in ("rank", "val loss", "± se", "seed sd", "lr", "seeds"):

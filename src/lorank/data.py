@@ -40,20 +40,162 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 # ---------------------------------------------------------------------------------------------
 # loading
 
+# split names as `datasets` and the Hub write them: the training split, then the one that
+# becomes the validation set, in order of preference (matched without regard to case)
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
+UNSPLIT = ""  # the one split of a file, or of a folder whose files name no split
 
-def load_records(source: str | Path) -> list[dict[str, Any]]:
-    """Read records from a file, a directory of files, or a `datasets` name in the local cache."""
+
+def load_splits(source: str | Path, *, offline: bool = False
+                ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Records per split of a data source, and notes on files that were not read.
+
+    A file, or a folder whose files name no split, has the one split UNSPLIT. A folder written
+    by `datasets`' `save_to_disk` is read with `datasets.load_from_disk`; any other folder is
+    split as `datasets` and the Hub split a repository (`train-*.parquet`,
+    `data/validation-00000-of-00001.parquet`, `test.jsonl`, a `dev/` folder); anything else is
+    a `datasets` name, loaded with `datasets.load_dataset` (downloaded unless offline)."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
-        if not files:
-            raise LorankError(f"{source}: directory holds no {'/'.join(DATA_SUFFIXES)} files")
-        return [r for f in files for r in _read_file(f)]
+        if _saved_by_datasets(path):
+            return _read_saved_dataset(path), []
+        return _read_folder(path)
     if path.is_file():
-        return _read_file(path)
+        return {UNSPLIT: _read_file(path)}, []
     if path.suffix in DATA_SUFFIXES or str(source).startswith(("/", "./", "../", "~")):
         raise LorankError(f"data file not found: {source}")
-    return _read_cached_dataset(str(source))
+    return _read_hub_dataset(str(source), offline=offline), []
+
+
+def load_records(source: str | Path, *, offline: bool = False) -> list[dict[str, Any]]:
+    """The training records of a file, a folder (its train split, if its files name splits), a
+    `save_to_disk` folder or a `datasets` name."""
+    return read_records(source, offline=offline).train
+
+
+@dataclass
+class Records:
+    """What the data sources give: training records, validation records (`val_source`'s, else
+    the source's own validation split, else None: `prepare` splits some off), where each came
+    from (for messages) and notes saying which split went where."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]] | None
+    source: str
+    train_from: str
+    val_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+    fmt: str = ""
+
+
+def _split_label(source: str | Path, split: str) -> str:
+    return str(source) if split == UNSPLIT else f"split '{split}' of {source}"
+
+
+def _by_name(splits: dict[str, Any], names: tuple[str, ...], skip: str | None = None
+             ) -> str | None:
+    lower = {str(n).lower(): n for n in splits if n != skip}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _train_split(splits: dict[str, Any], source: str | Path) -> str:
+    if UNSPLIT in splits or len(splits) == 1:
+        return next(iter(splits))
+    name = _by_name(splits, TRAIN_SPLITS)
+    if name is None:
+        raise LorankError(f"{source}: splits {', '.join(map(repr, splits))} but none named "
+                          "train; expected a train split (train-*.parquet, train.jsonl, a "
+                          "'train' split) or one file")
+    return name
+
+
+def read_records(source: str | Path, *, val_source: str | Path | None = None,
+                 offline: bool = False) -> Records:
+    """Training and validation records of `source` (and `val_source`), as a user expects them:
+    a source's train split trains; its validation split (validation, valid, val, dev, test...)
+    validates unless `val_source` is given, which then wins; the notes say which went where."""
+    splits, notes = load_splits(source, offline=offline)
+    train_name = _train_split(splits, source)
+    own_val = _by_name(splits, VAL_SPLITS, skip=train_name) if train_name != UNSPLIT else None
+    records = Records(splits[train_name], None, str(source), _split_label(source, train_name))
+    if train_name != UNSPLIT:
+        records.notes.append(f"training data: {records.train_from} "
+                             f"({len(records.train):,} records)")
+    if val_source is not None:
+        val_splits, val_notes = load_splits(val_source, offline=offline)
+        notes += val_notes
+        name = next(iter(val_splits)) if UNSPLIT in val_splits or len(val_splits) == 1 \
+            else _by_name(val_splits, VAL_SPLITS)
+        if name is None:
+            raise LorankError(f"{val_source}: splits {', '.join(map(repr, val_splits))} but "
+                              f"none named {'/'.join(VAL_SPLITS[:5])}; expected a validation "
+                              "split or one file")
+        records.val, records.val_from = val_splits[name], _split_label(val_source, name)
+        ignored = f"; {_split_label(source, own_val)} not used" if own_val else ""
+        records.notes.append(f"validation data: {records.val_from} (--val-data, "
+                             f"{len(records.val):,} records){ignored}")
+    elif own_val is not None:
+        records.val, records.val_from = splits[own_val], _split_label(source, own_val)
+        records.notes.append(f"validation data: {records.val_from} "
+                             f"({len(records.val):,} records)")
+    records.notes += [f"{_split_label(source, n)} not used" for n in splits
+                      if n not in (train_name, own_val)]
+    records.notes += notes
+    return records
+
+
+def _saved_by_datasets(path: Path) -> bool:
+    """A folder `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _read_saved_dataset(path: Path) -> dict[str, list[dict[str, Any]]]:
+    import datasets
+
+    from lorank.hub import first_line
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged folder: missing shards, bad JSON, bad Arrow
+        raise LorankError(f"{path}: unreadable `datasets` folder, expected what save_to_disk "
+                          f"writes ({first_line(err)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return {str(name): ds.to_list() for name, ds in loaded.items()}
+    return {UNSPLIT: loaded.to_list()}
+
+
+def _read_folder(path: Path) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """A folder's data files by split, found with `datasets`' own rules for a repository; a
+    folder whose files name no split is one split. Notes name data files that were not read."""
+    from datasets.data_files import FILES_TO_IGNORE, DataFilesDict, get_data_patterns
+
+    from lorank.hub import first_line
+
+    found = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
+                   and p.name not in FILES_TO_IGNORE
+                   and not any(part.startswith((".", "__"))
+                               for part in p.relative_to(path).parts))
+    if not found:
+        raise LorankError(f"{path}: directory holds no {'/'.join(DATA_SUFFIXES)} files")
+    try:
+        patterns = get_data_patterns(str(path))
+        resolved = DataFilesDict.from_patterns(patterns, str(path))
+    except (OSError, ValueError) as err:
+        raise LorankError(f"{path}: cannot tell the folder's splits apart "
+                          f"({first_line(err)})") from None
+    files = {str(name): sorted(Path(f) for f in fs if Path(f).suffix in DATA_SUFFIXES)
+             for name, fs in resolved.items()}
+    files = {name: fs for name, fs in files.items() if fs}
+    unsplit = {str(k): list(v) for k, v in patterns.items()} == {"train": ["**"]}
+    if unsplit or not files:
+        files = {UNSPLIT: found}
+    taken = {f.resolve() for fs in files.values() for f in fs}
+    skipped = [str(p.relative_to(path)) for p in found if p.resolve() not in taken]
+    notes = [f"not read: {len(skipped)} file(s) under {path} whose names name no split "
+             f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"] if skipped else []
+    return {name: [r for f in fs for r in _read_file(f)] for name, fs in files.items()}, notes
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -75,26 +217,56 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
     with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.lstrip("\ufeff")  # files joined with `cat` keep each one's mark
-            if not line.strip():
-                continue
-            obj = _parse_json(line, path, lineno)
-            if not isinstance(obj, dict):
-                raise LorankError(f"{path}:{lineno}: expected a JSON object per line")
-            records.append(obj)
+        return _json_lines(fh, path)
+
+
+def _json_lines(lines, path: Path) -> list[dict[str, Any]]:
+    """Records of JSON Lines text, one object per line; blank lines are skipped."""
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        line = line.lstrip("\ufeff")  # files joined with `cat` keep each one's mark
+        if not line.strip():
+            continue
+        obj = _parse_json(line, path, lineno)
+        if not isinstance(obj, dict):
+            raise LorankError(f"{path}:{lineno}: expected a JSON object per line")
+        records.append(obj)
     return records
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    obj = _parse_json(path.read_text(encoding="utf-8-sig"), path)
+    """A JSON list of objects (or {'data': [...]}), or JSON Lines, which is what
+    `Dataset.to_json` and `DataFrame.to_json(orient="records", lines=True)` write to .json."""
+    text = path.read_text(encoding="utf-8-sig")
+    lines = text.split("\n")  # read_text has already made every line end a \n
+    try:
+        obj = _parse_json(text, path)
+    except LorankError:
+        if not _json_lines_text(text):
+            raise
+        return _json_lines(lines, path)
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
+    elif isinstance(obj, dict) and sum(1 for ln in lines if ln.strip()) == 1:
+        obj = [obj]  # JSON Lines with one record
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-        raise LorankError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+        raise LorankError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}) or "
+                          "JSON Lines (one object per line)")
     return obj
+
+
+def _json_lines_text(text: str) -> bool:
+    """Whether text that is not one JSON document reads as JSON Lines: its first line is a
+    whole JSON value followed by more lines."""
+    first, _, rest = text.lstrip("\ufeff").lstrip().partition("\n")
+    if not rest.strip():
+        return False
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _parse_json(text: str, path: Path, lineno: int | None = None) -> Any:
@@ -162,21 +334,36 @@ def _not_utf8(path: Path) -> str:
     return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
-def _read_cached_dataset(name: str) -> list[dict[str, Any]]:
-    """A `datasets` hub name, only if already in the local cache (no download at run time)."""
+def _read_hub_dataset(name: str, *, offline: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """A `datasets` name, every split: from the cache, downloaded when missing unless offline
+    (`offline` or HF_HUB_OFFLINE)."""
+    import contextlib
+
     import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
-    from lorank.offline import hub_offline
+    from lorank import hub
 
+    reason = hub.offline_reason(offline)
     try:
-        with hub_offline():
-            ds = datasets.load_dataset(name, split="train")
-    except Exception:
-        raise LorankError(
-            f"data '{name}' not found: expected a .jsonl/.json/.csv/.parquet file, a directory of "
-            "them, or a `datasets` name already in the local cache"
-        ) from None
-    return [dict(r) for r in ds]
+        with hub.hub_offline() if reason else contextlib.nullcontext():
+            loaded = datasets.load_dataset(name)
+    except Exception as err:  # one line, whatever `datasets` or huggingface_hub raised
+        if reason is not None:
+            raise LorankError(
+                f"data '{name}' is not a local file or folder, nor a `datasets` name in the "
+                f"local cache, and {reason} forbids downloading it: "
+                f"{hub.how_to_go_online(reason)} once to download it ({hub.first_line(err)})"
+            ) from None
+        if isinstance(err, DatasetNotFoundError):
+            why = (f"no local file or folder of that name, and {hub.first_line(err)} (if it is "
+                   "private or gated, set HF_TOKEN or run `hf auth login`)")
+        else:
+            why = hub.hub_error(err, name, "dataset")
+        raise LorankError(f"data '{name}': {why}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return {str(split): ds.to_list() for split, ds in loaded.items()}
+    return {UNSPLIT: loaded.to_list()}
 
 
 def detect_format(records: list[dict[str, Any]], source: str = "data") -> str:
@@ -367,6 +554,7 @@ class PreparedData:
     source: str
     dropped: int = 0
     duplicate_rate: float = 0.0
+    notes: list[str] = field(default_factory=list)  # which split went where
 
     @property
     def num_labels(self) -> int | None:
@@ -380,47 +568,73 @@ def data_hash(records: list[dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_dataset(source: str | Path, fmt: str | None = None) -> tuple[list[dict], str]:
-    """Load and validate records; return them with their (detected or given) format."""
-    records = load_records(source)
-    if not records:
-        raise LorankError(f"{source}: empty dataset (no records)")
-    fmt = fmt or detect_format(records, str(source))
-    check_columns(records, fmt, str(source))
-    return records, fmt
+def read_data(source: str | Path, fmt: str | None = None, *,
+              val_source: str | Path | None = None, offline: bool = False) -> Records:
+    """Load and validate the training and validation records (see `read_records`); the format
+    is detected from the training records (or given) and every record is checked against it."""
+    records = read_records(source, val_source=val_source, offline=offline)
+    if not records.train:
+        raise LorankError(f"{records.train_from}: empty dataset (no records)")
+    records.fmt = fmt or detect_format(records.train, records.train_from)
+    check_columns(records.train, records.fmt, records.train_from)
+    if records.val is not None:
+        if not records.val:
+            raise LorankError(f"{records.val_from}: empty dataset (no records)")
+        check_columns(records.val, records.fmt, str(records.val_from))
+    return records
+
+
+def read_dataset(source: str | Path, fmt: str | None = None, *, offline: bool = False
+                 ) -> tuple[list[dict], str]:
+    """Load and validate records; return the training records with their (detected or given)
+    format."""
+    records = read_data(source, fmt, offline=offline)
+    return records.train, records.fmt
 
 
 def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
             val_source: str | Path | None = None, val_fraction: float = 0.1,
-            max_val: int = 256, max_length: int = 512, seed: int = 0) -> PreparedData:
+            max_val: int = 256, max_length: int = 512, seed: int = 0,
+            offline: bool = False) -> PreparedData:
     """Load, tokenize, mask and split; the split is seeded so the same inputs give the same sets."""
-    records, fmt = read_dataset(source, fmt)
+    return prepare_records(read_data(source, fmt, val_source=val_source, offline=offline),
+                           tokenizer, val_fraction=val_fraction, max_val=max_val,
+                           max_length=max_length, seed=seed)
+
+
+def prepare_records(records: Records, tokenizer, *, val_fraction: float = 0.1,
+                    max_val: int = 256, max_length: int = 512, seed: int = 0) -> PreparedData:
+    """Tokenize, mask and split records `read_data` gave; with no validation records, a
+    seeded `val_fraction` of the training records (at most `max_val`) is split off."""
+    fmt, source = records.fmt, records.train_from
+    train_all, val_given = records.train, records.val
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise LorankError("format chat: the model's tokenizer has no chat template")
-    val_records = None
-    if val_source is not None:
-        val_records, _ = read_dataset(val_source, fmt)
     task = "classification" if fmt == "classification" else "causal"
-    label_ids = label_vocabulary(records + (val_records or [])) if task == "classification" else None
+    label_ids = label_vocabulary(train_all + (val_given or [])) \
+        if task == "classification" else None
     if label_ids is not None:
         check_labels(label_ids, source)
-    keys = [json.dumps(r, sort_keys=True, default=str) for r in records]
+    keys = [json.dumps(r, sort_keys=True, default=str) for r in train_all]
     duplicate_rate = 1.0 - len(set(keys)) / len(keys)
+    notes = list(records.notes)
 
-    if val_records is None:
-        order = list(range(len(records)))
+    if val_given is None:
+        order = list(range(len(train_all)))
         random.Random(seed).shuffle(order)
-        n_val = min(max_val, max(1, int(round(val_fraction * len(records)))))
-        if len(records) < 2:
+        n_val = min(max_val, max(1, int(round(val_fraction * len(train_all)))))
+        if len(train_all) < 2:
             raise LorankError(f"{source}: need at least 2 records to split off validation")
-        val_records = [records[i] for i in order[:n_val]]
-        train_records = [records[i] for i in order[n_val:]]
+        val_records = [train_all[i] for i in order[:n_val]]
+        train_records = [train_all[i] for i in order[n_val:]]
         train_at = [(source, i + 1) for i in order[n_val:]]
         val_at = [(source, i + 1) for i in order[:n_val]]
+        notes.append(f"validation data: {n_val:,} of the {len(train_all):,} records of "
+                     f"{source}, split off by seed {seed}")
     else:
-        train_records = records
-        train_at = [(source, i) for i in range(1, len(records) + 1)]
-        val_at = [(val_source, i) for i in range(1, len(val_records) + 1)]
+        val_records, train_records = val_given, train_all
+        train_at = [(source, i) for i in range(1, len(train_all) + 1)]
+        val_at = [(records.val_from, i) for i in range(1, len(val_given) + 1)]
 
     def tok_all(rs, at):
         out = []
@@ -440,10 +654,11 @@ def prepare(source: str | Path, tokenizer, *, fmt: str | None = None,
             + ("; only turns with role 'assistant' are trained on)" if fmt == "chat" else ")")
         )
     if not val:
-        raise LorankError(f"{val_source or source}: validation set has no supervised tokens")
+        raise LorankError(f"{records.val_from or source}: validation set has no supervised "
+                          "tokens")
     return PreparedData(train, val, fmt, task, label_ids,
-                        data_hash(records + (val_records if val_source else [])), str(source),
-                        dropped_train + dropped_val, duplicate_rate)
+                        data_hash(train_all + (val_given or [])), records.source,
+                        dropped_train + dropped_val, duplicate_rate, notes)
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -522,6 +737,7 @@ def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int
         length_percentiles={f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}
         | {"max": float(lengths.max())},
         duplicate_rate=data.duplicate_rate, dropped=data.dropped, num_labels=data.num_labels,
+        notes=list(data.notes),
     )
     if model is not None:
         prof.forward_seconds_per_token = _forward_speed(model, data.train, pad_token_id,

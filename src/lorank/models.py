@@ -1,12 +1,13 @@
-"""Models: load a local HF directory, a cached hub id, a GGUF file or a packaged alias.
+"""Models: load a local HF directory, a hub id, a GGUF file or a packaged alias.
 
-Weights are loaded with safetensors; GGUF files are dequantized once and cached as safetensors
-so the second load is fast. `trust_remote_code` stays off unless the caller asks for it.
+A hub id ('org/name') is read from the Hugging Face cache and downloaded into it when missing,
+unless offline (`offline=True` or HF_HUB_OFFLINE; see `lorank.hub`). Weights are loaded with
+safetensors; GGUF files are dequantized once and cached as safetensors so the second load is
+fast. `trust_remote_code` stays off unless the caller asks for it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -26,8 +27,8 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from lorank import hub
 from lorank.errors import LorankError
-from lorank.offline import hub_offline
 
 transformers_logging.disable_progress_bar()  # lorank shows its own progress; keep output readable
 
@@ -64,8 +65,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORANK_CACHE", Path.home() / ".cache" / "lorank"))
 
 
-def resolve_source(source: str) -> tuple[str, str | None, str | None]:
-    """Return (directory, gguf file name or None, default task or None) for a model source."""
+def resolve_source(source: str, *, offline: bool = False, trust_remote_code: bool = False
+                   ) -> tuple[str, str | None, str | None]:
+    """Return (directory, gguf file name or None, default task or None) for a model source;
+    a hub id's directory is its snapshot in the Hugging Face cache (downloaded if missing and
+    not `offline`)."""
     if source in ALIASES:
         package, inner, task = ALIASES[source]
         spec = importlib.util.find_spec(package)
@@ -86,25 +90,19 @@ def resolve_source(source: str) -> tuple[str, str | None, str | None]:
         return str(path), None, None
     if path.suffix == ".gguf":
         raise LorankError(f"model file not found: {source}")
-    if _looks_like_hub_id(source) and _in_hub_cache(source):
-        return source, None, None
+    if hub.looks_like_repo_id(source):
+        return hub.model_snapshot(source, offline=offline,
+                                  trust_remote_code=trust_remote_code), None, None
     raise LorankError(
-        f"model '{source}' not found: expected a local directory, a .gguf file, a hub id in the "
-        f"local cache, or an alias ({', '.join(ALIASES)})"
+        f"model '{source}' not found: expected a local directory, a .gguf file, a hub id "
+        f"(org/name), or an alias ({', '.join(ALIASES)})"
     )
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/"))
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
+def is_hub_id(source: str) -> bool:
+    """Whether `load_model` reads `source` from the hub: no alias, file or folder of that name."""
+    return (source not in ALIASES and not Path(source).exists() and Path(source).suffix != ".gguf"
+            and hub.looks_like_repo_id(source))
 
 
 def _dequantized_gguf(directory: str, gguf_file: str) -> str:
@@ -160,51 +158,53 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     seed: int = 0,
+    offline: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer; `task` is 'causal' or 'classification' (default per model).
+
+    A hub id downloads into the Hugging Face cache when missing; `offline` (or HF_HUB_OFFLINE)
+    reads the cache only. `path` stays the hub id, so exported configs name it, not the cache.
 
     Weights the checkpoint lacks (a classification head) are initialized from `seed`, inside a
     forked RNG: otherwise every process, e.g. each sweep worker, would start from its own head.
     """
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, offline=offline, trust_remote_code=trust_remote_code)
     task = task or _task_of(*resolved, trust_remote_code)
     if task not in TASKS:
         raise LorankError(f"task '{task}': expected one of {', '.join(TASKS)}")
     directory, gguf_file, _ = resolved
     if gguf_file is not None:
         directory = _dequantized_gguf(directory, gguf_file)
-    from_hub = not Path(directory).exists()  # a cached hub id: read the cache, never the network
-    hub = {"local_files_only": True} if from_hub else {}
-    with hub_offline() if from_hub else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                                  **hub)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-                      use_safetensors=True, **hub)
-        if task == "classification":
-            if not num_labels:
-                raise LorankError(f"model {source} is a classifier (no language-modelling head):"
-                                  " it needs classification data (text, label), whose labels "
-                                  "give the head's size (`lorank targets`: --num-labels)")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    directory, num_labels=num_labels, **kwargs
-                )
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
-        else:
-            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    # a hub id's snapshot is a local folder now: transformers reads it without the network
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if task == "classification":
+        if not num_labels:
+            raise LorankError(f"model {source} is a classifier (no language-modelling head):"
+                              " it needs classification data (text, label), whose labels "
+                              "give the head's size (`lorank targets`: --num-labels)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory, num_labels=num_labels, **kwargs
+            )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model.to(_device(device))
     model.eval()
-    return LoadedModel(model, tokenizer, task, source, directory, num_labels)
+    path = source if is_hub_id(source) else directory
+    return LoadedModel(model, tokenizer, task, source, path, num_labels)
 
 
-def model_task(source: str, trust_remote_code: bool = False) -> str:
+def model_task(source: str, trust_remote_code: bool = False, offline: bool = False) -> str:
     """'causal' or 'classification': what `load_model` loads `source` as by default, read from
-    its config alone (no weights)."""
-    return _task_of(*resolve_source(source), trust_remote_code)
+    its config alone (a hub id is fetched whole: `load_model` needs it next)."""
+    return _task_of(*resolve_source(source, offline=offline,
+                                    trust_remote_code=trust_remote_code), trust_remote_code)
 
 
 def _task_of(directory: str, gguf_file: str | None, default_task: str | None,
@@ -214,10 +214,7 @@ def _task_of(directory: str, gguf_file: str | None, default_task: str | None,
         return default_task
     if gguf_file is not None:  # transformers reads GGUF files as language models only
         return "causal"
-    from_hub = not Path(directory).exists()
-    with hub_offline() if from_hub else contextlib.nullcontext():
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
-                                            local_files_only=from_hub)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return _task_from_config(config)
 
 

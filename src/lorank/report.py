@@ -92,6 +92,8 @@ def print_recommendation(rec: Recommendation, console: Console | None = None) ->
     if rec.inputs.get("profile"):
         console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False,
                       soft_wrap=True)
+        for note in rec.inputs["profile"].get("notes") or []:  # which split went where
+            console.print(f"  {note}", markup=False, highlight=False, soft_wrap=True)
     console.print(candidates_table(rec))
     for table in curve_tables(rec):
         console.print(table)

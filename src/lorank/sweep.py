@@ -605,6 +605,7 @@ class SweepResult:
     curve: dict[int, dict[str, Any]]
     out: str
     wall_seconds: float
+    data_notes: list[str] = field(default_factory=list)  # which split went where (api.sweep)
 
     def to_dict(self) -> dict[str, Any]:
         return {"trials": self.trials, "curve": {str(k): v for k, v in self.curve.items()},
