@@ -7,13 +7,31 @@ the estimators read it, and `recommendation.json` records it under `inputs.plann
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from lorank.errors import LorankError
 
 DEFAULT_EPOCHS = 3.0  # transformers' TrainingArguments.num_train_epochs, which TRL inherits
+# how the best lr moves with rank under rsLoRA, fitted by benchmarks/lr_by_rank.py
+LR_SLOPE_FILE = Path(__file__).with_name("lr_slope.json")
+
+
+@cache
+def lr_slope() -> float:
+    """The shipped slope of log2(best lr) on log2(rank) under rsLoRA (negative: lower lr at
+    higher rank)."""
+    return float(json.loads(LR_SLOPE_FILE.read_text())["slope"])
+
+
+def lr_at_rank(lr: float, measured_at: int, rank: int) -> float:
+    """The learning rate for `rank` given the best one measured at rank `measured_at`, moved
+    by the benchmark's slope: lr * (rank / measured_at) ** slope."""
+    return float(lr * (rank / measured_at) ** lr_slope())
 
 
 @dataclass(frozen=True)
