@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose text the benchmark tasks read (src/lorank/bench/tasks.py):
+# Installs the Debian packages whose text the benchmark tasks read (src/lorank/bench/tasks/):
 #   wordnet-base  WordNet 3.0 database        -> format-json, wordnet-lexname
 #   dict-vera     V.E.R.A. acronym dictionary -> facts-100, facts-300, facts-1000
 #   manpages-dev  Linux man-pages, sections 2 and 3 -> man-names

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402, F401
 
 import lorank.api  # noqa: E402, F401
-import lorank.sweep as sweep  # noqa: E402
+import lorank.sweep.trial_run as trial_run  # noqa: E402  (where the sweep calls train_lora)
 from lorank.cli import main  # noqa: E402
 
 
@@ -41,7 +41,7 @@ class Paced(TrainerCallback):
         time.sleep(float(os.environ["STEP_SECONDS"]))
 
 
-_train_lora = sweep.train_lora
+_train_lora = trial_run.train_lora
 
 
 def _paced(*args, **kwargs):
@@ -57,6 +57,6 @@ def run(argv: list[str], env: dict[str, str], stderr: str) -> None:
         os.dup2(err.fileno(), 2)
         os.dup2(null.fileno(), 1)
     torch.set_num_threads(1)
-    sweep.train_lora = _paced
+    trial_run.train_lora = _paced
     sys.argv = ["lorank", *argv]
     main()

@@ -298,6 +298,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(sweep_inputs, tmp_path, monkey
 
     import lorank.api as api
     import lorank.sweep as sweep_mod
+    from lorank.sweep import liveness, trial_run
 
     model, data = sweep_inputs
     kw = dict(ranks=[2], lrs=[3e-3], seeds=[0], steps=6, batch_size=4, eval_every=3,
@@ -315,20 +316,20 @@ def test_a_killed_run_resumes_from_its_checkpoint(sweep_inputs, tmp_path, monkey
         def on_step_end(self, args, state, control, **_):
             self.trained.append(state.global_step)
 
-    real, calls = sweep_mod.train_lora, []
+    real, calls = trial_run.train_lora, []
 
     def killed_once(*a, **k):
         calls.append(k.get("out_dir"))
         k["callbacks"] = [Kill()] if len(calls) == 1 else [Steps()]
         return real(*a, **k)
 
-    monkeypatch.setattr(sweep_mod, "train_lora", killed_once)
+    monkeypatch.setattr(trial_run, "train_lora", killed_once)  # looked up there
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         api.sweep(model, data, out=out, **kw)
     point = {"rank": 2, "lr": 3e-3, "seed": 0}
     assert (sweep_mod.checkpoint_dir(out, point) / "checkpoint-3").is_dir()
-    monkeypatch.setattr(sweep_mod, "_alive", lambda pid: False)  # its worker is gone
+    monkeypatch.setattr(liveness, "_alive", lambda pid: False)  # its worker is gone
     resumed = api.sweep(model, data, out=out, **kw).trials[0]
     assert calls == [sweep_mod.checkpoint_dir(out, point)] * 2
     assert Steps.trained == [4, 5, 6]  # from the step-3 checkpoint, not from the start

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from lorank.bench import tasks
-from lorank.bench.tasks import TASKS, build_task
+from lorank.bench.tasks import TASKS, acronyms, build_task, man_pages, wordnet
 
 # What each task reads; a task whose data is absent is skipped with the install command.
 DATA = {
-    "wordnet-base": tasks.WORDNET_DIR / "data.noun",
-    "dict-vera": tasks.VERA_DIR / "vera.index",
-    "manpages-dev": tasks.MAN_DIR / "man3" / "strlen.3.gz",
+    "wordnet-base": wordnet.WORDNET_DIR / "data.noun",
+    "dict-vera": acronyms.VERA_DIR / "vera.index",
+    "manpages-dev": man_pages.MAN_DIR / "man3" / "strlen.3.gz",
 }
 
 
@@ -39,7 +39,7 @@ def test_unknown_task_names_the_known_ones(tmp_path: Path) -> None:
 
 
 def test_missing_package_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tasks, "WORDNET_DIR", tmp_path / "no-wordnet")
+    monkeypatch.setattr(wordnet, "WORDNET_DIR", tmp_path / "no-wordnet")  # read there
     with pytest.raises(ValueError, match=r"wordnet-base.*bash scripts/install-task-data.sh"):
         build_task("format-json", tmp_path / "out")
 

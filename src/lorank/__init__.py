@@ -3,7 +3,7 @@
 The Python API mirrors the CLI: `lorank.recommend(model, data, ...)` and
 `lorank.prepare_inputs(...)` load lazily (as does `lorank.RankCallback`, for watching an
 adapter's rank use in your own Trainer run), so `import lorank` stays cheap. The other verbs live in
-`lorank.api` (`lorank.sweep` is the sweep module: a submodule's name wins once it is imported).
+`lorank.api` (`lorank.sweep` is the sweep package: a submodule's name wins once it is imported).
 """
 
 __version__ = "0.1.0"
