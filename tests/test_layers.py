@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
      "lorank.heads", "lorank.hooks", "lorank.plots"),
     ("lorank.estimators", "lorank.train", "lorank.scoring", "lorank.callback", "lorank.adapters"),
     ("lorank.sweep", "lorank.decide"),
-    ("lorank.export", "lorank.report"),
+    ("lorank.export", "lorank.frameworks", "lorank.report", "lorank.summary",
+     "lorank.html_report"),
     ("lorank.api", "lorank"),  # `lorank` itself: the verbs, loaded lazily from api
     ("lorank.demo", "lorank.bench"),
     ("lorank.cli",),
