@@ -22,6 +22,21 @@ if [ -n "$(pg_initdb)" ]; then
 else
   echo "test: no PostgreSQL server binaries: the multi-worker sweep tests will skip"
 fi
+# The report test (tests/test_report.py) renders report.html in headless Chromium: install it
+# where we can, as for PostgreSQL. Where it is there the test must run, not skip.
+chromium_bin() {
+  command -v chromium 2>/dev/null || command -v chromium-browser 2>/dev/null || true
+}
+if [ -z "$(chromium_bin)" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+    || echo "test: could not install chromium"
+fi
+if [ -n "$(chromium_bin)" ]; then
+  export LORANK_REQUIRE_CHROMIUM=1
+else
+  echo "test: no chromium: the report's browser test will skip"
+fi
 .venv/bin/ruff check src tests
 set +e
 .venv/bin/python -m pytest "$@"

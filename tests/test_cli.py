@@ -134,13 +134,16 @@ def test_recommend_prints_table(monkeypatch, capsys, model_dir, pc_data, tmp_pat
                        "--out", str(out_dir), "--quiet", "--max-length", "64")
     assert code == 0
     assert "candidate ranks" in out and "recommended rank" in out
-    assert f"wrote {out_dir}/recommendation.json" in " ".join(out.split())
-    assert (out_dir / "adapter_config.json").exists()
+    flat = " ".join(out.split())
+    assert f"files in {out_dir}/:" in flat
+    for name in ("recommendation.json", "report.html", "adapter_config.json", "snippets.md"):
+        assert (out_dir / name).exists() and name in flat
     prof = json.loads((out_dir / "recommendation.json").read_text())["inputs"]["profile"]
     line = next(x for x in out.splitlines() if x.startswith("data: "))
     assert f"{prof['examples']:,} train / {prof['val_examples']:,} val examples" in line
     assert f"{prof['supervised_tokens']:,} supervised tokens" in line
-    assert f"base model pays {prof['base_loss_nats']:.3f} nats" in line
+    assert f"base model pays {prof['base_loss_nats']:.3f} nats" in flat
+    assert max(len(x) for x in out.splitlines()) <= 80  # rich's width without a terminal
 
 
 def test_targets_command(monkeypatch, capsys, model_dir):

@@ -224,7 +224,7 @@ def test_the_run_says_which_split_went_where(tmp_path, tiny_llama_dir, monkeypat
                                       str(folder), "--val-data", str(val), "--max-length", "32",
                                       "--out", str(tmp_path / "o"), "--quiet"])
     cli.main()
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the summary wraps to the terminal
     ignored = (f"validation data: {val} (--val-data, 5 records); split 'test' of {folder} not "
                "used")
     assert f"training data: split 'train' of {folder} (20 records)" in out

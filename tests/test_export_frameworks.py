@@ -14,13 +14,12 @@ from test_cli import run
 
 from lorank.decide import decide
 from lorank.estimators.base import Evidence
-from lorank.export import (
+from lorank.export import read_recommendation, write_outputs
+from lorank.frameworks import (
     FRAMEWORKS,
     export_config,
     measured_learning_rate,
-    read_recommendation,
     torchtune_modules,
-    write_outputs,
 )
 from lorank.targets import resolve_targets
 

@@ -84,6 +84,9 @@ def test_demo_command_builds_stdlib_data_and_recommends(tmp_path, monkeypatch, c
     assert all(r["completion"].strip() for r in rows)
     rec = json.loads((out / "recommendation.json").read_text())
     assert rec["inputs"]["model"] == "smollm2-135m"
+    assert len((out / "recommendation.json").read_bytes()) < 16_000  # a few KB
+    page = (out / "report.html").read_text()
+    assert f'<span id="rank">{rec["rank"]}</span>' in page and 'id="capacity-curve"' in page
     assert LoraConfig.from_pretrained(str(out)).r == rec["rank"]
     printed = capsys.readouterr().out
     assert f"recommended rank {rec['rank']}" in printed and "demo data:" in printed

@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("lorank.sweep.trial_run",),
     ("lorank.sweep.worker",),
     ("lorank.sweep", "lorank.decide"),
-    ("lorank.export", "lorank.report"),
+    ("lorank.export", "lorank.frameworks", "lorank.report", "lorank.summary",
+     "lorank.html_report"),
     ("lorank.api", "lorank"),  # `lorank` itself: the verbs, loaded lazily from api
     ("lorank.bench.tasks.source_text",),
     ("lorank.bench.tasks.wordnet", "lorank.bench.tasks.acronyms", "lorank.bench.tasks.man_pages",

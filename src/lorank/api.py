@@ -24,7 +24,7 @@ from lorank.estimators.base import Evidence
 from lorank.estimators.capacity import capacity_evidence, frozen_head_bits, load_calibration
 from lorank.export import ensure_writable, write_outputs
 from lorank.models import LoadedModel, load_model
-from lorank.planned_run import PlannedRun
+from lorank.planned_run import PlannedRun, step_seconds
 from lorank.targets import TargetSet, resolve_targets
 from lorank.util import atomic_write_text
 
@@ -103,7 +103,9 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
     decides. `rank` forces a rank and only checks it against the targets (the evidence is
     still reported). A hub model id or `datasets` name downloads into the Hugging Face cache
-    when missing; `offline` (or HF_HUB_OFFLINE) reads the cache only.
+    when missing; `offline` (or HF_HUB_OFFLINE) reads the cache only. With `out`, the files of
+    `lorank.export.write_outputs` go there (report.html, recommendation.json, ...); the returned
+    Recommendation keeps every estimator's whole evidence.
     """
     planned = PlannedRun(epochs=epochs, steps=steps, batch_size=batch_size,
                          lr=lr if isinstance(lr, (int, float)) else None)
@@ -268,7 +270,7 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
         evidence.notes.insert(0, head_note)
     evidence.cost_seconds = time.perf_counter() - start
     if out is not None:
-        write_gradient_report(spectrum, ensure_writable(Path(out)))
+        evidence.details["files"] = write_gradient_report(spectrum, ensure_writable(Path(out)))
     return evidence
 
 
@@ -307,7 +309,8 @@ def parse_budget(budget: str | int | None, prof: data_mod.DataProfile, batch_siz
     kind, value = form
     if kind == "steps":
         return int(value), f"{int(value)} steps"
-    per_step = 3 * prof.forward_seconds_per_token * batch_size * prof.length_percentiles["p50"]
+    per_step = step_seconds(prof.forward_seconds_per_token, batch_size,
+                            prof.length_percentiles["p50"])
     steps = max(1, int(value * 60 / max(per_step, 1e-6)))
     return steps, f"{value:g} min ≈ {steps} steps at {per_step:.2f} s/step (estimated)"
 
@@ -508,6 +511,7 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",
                         picks={evidence.name: evidence.suggested_rank},
                         title=f"{evidence.name}: validation loss per rank (one run)")
+        evidence.details["files"] = {"probe_curve.png": "the probe's rank–loss curve"}
     return evidence
 
 

@@ -12,7 +12,10 @@ from rich.text import Text
 
 from lorank.errors import LorankError
 
+# rich_markup_mode=None: click's plain help, each option's text wrapped beside it, reads well
+# at 80 columns (rich's option table squeezed the help into a narrow column)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Which LoRA rank? Measure the model and the data, then recommend.")
 console = Console()
 err_console = Console(stderr=True)
@@ -76,7 +79,10 @@ def recommend(
     offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Recommend rank, alpha and targets; write recommendation.json and adapter_config.json."""
+    """Recommend rank, alpha and targets for this model and data.
+
+    Writes recommendation.json, adapter_config.json, snippets.md and report.html to --out.
+    """
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                rank=rank, max_rank=max_rank, batch_size=batch_size, epochs=epochs, steps=steps,
                seed=seed, out=out,
@@ -113,14 +119,17 @@ def analyze(
     offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Rank from the data before any training: the gradient spectrum, per layer and overall."""
+    """Per-layer and overall rank from gradients, before training.
+
+    The gradient spectrum: directions that replicate across two halves of the data.
+    """
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
                dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
                gradient_max_rank=max_rank, sketch_check=sketch_check,
-               gradient_replay_mb=replay_mb, offline=offline, progress=not quiet)
-    say(f"per-layer table: {out}/gradient_layers.md; plots: {out}/gradient_*.png")
+               gradient_replay_mb=replay_mb, offline=offline, progress=not quiet,
+               command="analyze")
 
 
 def _lrs(text: str) -> float | list[float]:
@@ -131,14 +140,12 @@ def _lrs(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _recommend(model: str, data: str, out: Path, **kwargs) -> None:
+def _recommend(model: str, data: str, out: Path, command: str = "recommend", **kwargs) -> None:
     from lorank.api import recommend as api_recommend
     from lorank.report import print_recommendation
 
     rec = api_recommend(model, data, out=out, **kwargs)
-    print_recommendation(rec, console)
-    extra = f", {out}/probe_curve.png" if (out / "probe_curve.png").exists() else ""
-    say(f"wrote {out}/recommendation.json, {out}/adapter_config.json{extra}")
+    print_recommendation(rec, console, out=out, command=command)
 
 
 @app.command()
@@ -166,13 +173,13 @@ def probe(
     offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """The whole rank–loss curve from one training run; recommend from it alone."""
+    """One training run's rank–loss curve, and a rank from it alone."""
     _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
                batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
                dtype=dtype, device=device,
                trust_remote_code=trust_remote_code, estimators=("capacity", "probe"),
                budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr),
-               offline=offline, progress=not quiet)
+               offline=offline, progress=not quiet, command="probe")
 
 
 @app.command()
@@ -185,7 +192,7 @@ def targets(
     seq_len: int = typer.Option(512, min=1, help="sequence length for the memory model"),
     offline: bool = OfflineOpt,
 ) -> None:
-    """List the target modules, their shapes, and params / memory per rank."""
+    """List target modules, shapes, and params / memory per rank."""
     from rich.table import Table
 
     from lorank.decide import candidate_ranks
@@ -257,7 +264,10 @@ def sweep(
     offline: bool = OfflineOpt,
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Train one LoRA per (rank, lr, seed); resumable; writes sweep.json and rank_loss.png."""
+    """Train one LoRA per (rank, lr, seed): the measured truth.
+
+    Resumable; writes sweep.json and rank_loss.png.
+    """
     from lorank.api import sweep as api_sweep
     from lorank.util import parse_list
 
@@ -321,7 +331,7 @@ def bench(
                               "(comma-separated folder names); scoring covers every task"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Score every method on every task against the sweep's truth (regret, waste, cost)."""
+    """Score every method against the sweeps (regret, waste, cost)."""
     from lorank.bench.score import (
         markdown_tables,
         overall,
@@ -374,14 +384,16 @@ def demo(
     seed: int = typer.Option(0, help="seed"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Build a real dataset from the Python standard library and run `recommend` on SmolLM2."""
+    """Run `recommend` on SmolLM2 with a dataset from the stdlib.
+
+    The dataset: short standard-library functions and their docstrings' first lines.
+    """
     from lorank.demo import run_demo
     from lorank.report import print_recommendation
 
     rec, data_path = run_demo(out, n=n, seed=seed, budget=budget, progress=not quiet)
     say(f"demo data: {data_path}")
-    print_recommendation(rec, console)
-    say(f"wrote {out}/recommendation.json, {out}/adapter_config.json")
+    print_recommendation(rec, console, out=out, command="demo")
 
 
 @app.command()
@@ -390,7 +402,10 @@ def inspect(
     tol: float = typer.Option(0.1, min=0.0, max=1.0, help="relative error a truncation may "
                               "make; the per-layer rank that keeps within it is shown"),
 ) -> None:
-    """How much of its rank a trained adapter uses, per layer (no model is loaded)."""
+    """How much of its rank a trained adapter uses, per layer.
+
+    No model is loaded.
+    """
     from rich.table import Table
 
     from lorank.adapters import inspect_adapter, verdict
@@ -414,7 +429,10 @@ def shrink(
     tol: float = typer.Option(None, help="per-layer ranks: each keeps its update within this "
                               "relative (Frobenius) error; written as rank_pattern"),
 ) -> None:
-    """Re-factorize a trained adapter exactly (SVD) into a smaller one PEFT loads."""
+    """Shrink a trained adapter by an exact SVD re-factorization.
+
+    The smaller adapter loads in PEFT.
+    """
     from lorank.adapters import shrink_adapter
 
     summary = shrink_adapter(adapter, out, rank=rank, tol=tol)
@@ -465,8 +483,12 @@ def export(
     out: Path = typer.Option(None, "--out", help="write to this file (atomically) instead of "
                              "printing"),
 ) -> None:
-    """Print (or write to --out) the recommendation as one framework's configuration."""
-    from lorank.export import FRAMEWORKS, export_config, read_recommendation
+    """Print a recommendation as one framework's configuration.
+
+    --out FILE writes it to a file instead.
+    """
+    from lorank.export import read_recommendation
+    from lorank.frameworks import FRAMEWORKS, export_config
     from lorank.util import atomic_write_text
 
     if to not in FRAMEWORKS:  # before any file is read

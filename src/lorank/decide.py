@@ -41,6 +41,8 @@ class Recommendation:
     candidates: list[dict[str, Any]]
     inputs: dict[str, Any] = field(default_factory=dict)
     task_type: str = "CAUSAL_LM"
+    # the evidence whose rank (unless --rank forced one) and confidence were taken; "" if none
+    decided_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,9 +82,11 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
     ceiling = min((e.suggested_rank for e in by_kind["ceiling"]), default=None)
     curves = sorted(by_kind["curve"], key=lambda e: _trust(e.name))
     pattern: dict[str, int] = {}
+    decided_by = ""
 
     if curves:
         chosen = curves[0]
+        decided_by = chosen.name
         measured = {int(r) for r in chosen.curve}
         # a rank the curve measured is taken as is (a probe at --max-rank 6 that picks 6 must
         # not become an unmeasured 8); only a rank it did not measure snaps to a candidate
@@ -115,6 +119,7 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
     elif by_kind["estimate"]:
         estimates = sorted(by_kind["estimate"], key=lambda e: _trust(e.name, ESTIMATE_TRUST))
         chosen = estimates[0]
+        decided_by = chosen.name
         rank = snap_up(chosen.suggested_rank, ranks)
         lo, hi = chosen.interval or (rank, rank)
         if chosen.name == "capacity":
@@ -144,6 +149,7 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
                                            else ""))
     elif ceiling is not None:
         rank = snap_up(ceiling, ranks)
+        decided_by = next(e.name for e in by_kind["ceiling"] if e.suggested_rank == ceiling)
         confidence = "low"
         rationale.append(
             f"only a capacity ceiling is measured: rank {rank} would hold every bit this data "
@@ -205,6 +211,7 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         evidence=[e.to_dict() for e in evidence], rationale=rationale, warnings=warnings,
         candidates=candidates, inputs=inputs or {},
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        decided_by=decided_by,
     )
 
 

@@ -75,3 +75,11 @@ class PlannedRun:
                 "lr": self.lr, "epochs_over_data": round(self.epochs_over(n_train), 4),
                 "steps_over_data": self.steps_over(n_train),
                 "default_epochs_used": self.epochs is None and self.steps is None}
+
+
+def step_seconds(forward_seconds_per_token: float, batch_size: int, median_length: float
+                 ) -> float:
+    """Estimated seconds of one training step: about three forward passes (forward and
+    backward) over `batch_size` examples of `median_length` tokens, at the measured forward
+    speed (`DataProfile.forward_seconds_per_token`)."""
+    return 3 * forward_seconds_per_token * batch_size * median_length

@@ -1,15 +1,15 @@
-"""Report: terminal tables of a recommendation, and the gradient spectrum's per-layer table and
-plots. The last stage: it reads what the others produced and nothing below imports it."""
+"""Report: the terminal summary of a recommendation, and the gradient spectrum's per-layer table
+and plots. The last stage: it reads what the others produced and nothing below imports it."""
 
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape as escape_markup
 from rich.table import Table
 from rich.text import Text
 
@@ -72,41 +72,77 @@ def curve_tables(rec: Recommendation) -> list[Table]:
     return tables
 
 
-def profile_line(prof: dict) -> str:
-    """The data profile in one line: what there is to learn, before any estimate."""
+def profile_lines(prof: dict) -> list[str]:
+    """The data profile in three short lines: what there is to learn, before any estimate."""
     lengths = prof.get("length_percentiles") or {}
-    parts = [f"data: {prof['examples']:,} train / {prof['val_examples']:,} val examples "
-             f"({prof['format']})", f"{prof['supervised_tokens']:,} supervised tokens"]
+    lines = [f"data: {prof['examples']:,} train / {prof['val_examples']:,} val examples "
+             f"({prof['format']}), {prof['supervised_tokens']:,} supervised tokens"]
+    shape = [f"{100 * prof['duplicate_rate']:.1f}% exact duplicates"]
     if lengths:
-        parts.append("length p50/p90/max " + "/".join(
-            f"{lengths[k]:.0f}" for k in ("p50", "p90", "max") if k in lengths))
-    parts.append(f"{100 * prof['duplicate_rate']:.1f}% exact duplicates")
+        shape.insert(0, "length p50/p90/max " + "/".join(
+            f"{lengths[k]:.0f}" for k in ("p50", "p90", "max") if k in lengths) + " tokens")
+    lines.append("; ".join(shape))
     if prof.get("base_loss_nats") is not None:
-        parts.append(f"base model pays {prof['base_loss_nats']:.3f} nats "
+        lines.append(f"base model pays {prof['base_loss_nats']:.3f} nats "
                      f"({prof['base_loss_bits']:.3f} bits) per supervised token")
-    return "; ".join(parts)
+    return lines
 
 
-def print_recommendation(rec: Recommendation, console: Console | None = None) -> None:
+def _say(console: Console, text: str, first: str = "", rest: str = "", style: str = "") -> None:
+    """A paragraph wrapped to the console's width with a hanging indent (`first` before its
+    first line, `rest` before the others); never read as markup."""
+    width = max(20, console.width)
+    wrapped = textwrap.fill(str(text), width=width, initial_indent=first, subsequent_indent=rest,
+                            break_long_words=True, break_on_hyphens=False)
+    console.print(Text(wrapped, style=style), soft_wrap=True)
+
+
+def print_recommendation(rec: Recommendation, console: Console | None = None, *,
+                         out: Path | None = None, command: str = "recommend") -> None:
+    """The terminal summary, every line within the console's width (80 columns with
+    COLUMNS=80): the data, the cost and each estimator's word per candidate rank, the measured
+    curves, the decision and its reasons, what was measured and how sure it is, every file
+    written to `out` (when given) and the next step."""
+    from lorank.export import written_files
+    from lorank.summary import confidence_words, measured_lines, next_step
+
     console = console or Console()
     if rec.inputs.get("profile"):
-        console.print(profile_line(rec.inputs["profile"]), markup=False, highlight=False,
-                      soft_wrap=True)
+        lines = profile_lines(rec.inputs["profile"])
+        _say(console, lines[0], rest="  ")
+        for line in lines[1:]:
+            _say(console, line, first="  ", rest="  ")
         for note in rec.inputs["profile"].get("notes") or []:  # which split went where
-            console.print(f"  {note}", markup=False, highlight=False, soft_wrap=True)
+            _say(console, note, first="  ", rest="    ")
     console.print(candidates_table(rec))
     for table in curve_tables(rec):
         console.print(table)
-    console.print(
-        f"[bold green]recommended rank {rec.rank}[/], lora_alpha {rec.lora_alpha:g} "
-        f"(use_rslora={rec.use_rslora}), targets {escape_markup(', '.join(rec.target_modules))}; "
-        f"{human_count(rec.trainable_params)} trainable params, "
-        f"~{human_bytes(rec.memory['total'])} to train; confidence [bold]{rec.confidence}[/]"
-    )
+    memory = rec.memory.get("total")
+    decision = (f"recommended rank {rec.rank}, lora_alpha {rec.lora_alpha:g} "
+                f"(use_rslora={rec.use_rslora}), targets {', '.join(rec.target_modules)}; "
+                f"{human_count(rec.trainable_params)} trainable params"
+                + (f", ~{human_bytes(memory)} to train" if memory else "")
+                + f"; confidence {rec.confidence}")
+    _say(console, decision, rest="  ", style="bold green")
     for reason in rec.rationale:
-        console.print(f"  • {reason}", markup=False, highlight=False)
+        _say(console, reason, first="  • ", rest="    ")
     for warning in rec.warnings:
-        console.print(Text("  warning: ", style="yellow") + Text(str(warning)))
+        _say(console, f"warning: {warning}", first="  ", rest="    ", style="yellow")
+    if rec.evidence:
+        console.print("measured:", style="bold")
+        for line in measured_lines(rec):
+            _say(console, line, first="  • ", rest="    ")
+    console.print("how sure:", style="bold")
+    _say(console, confidence_words(rec), first="  ", rest="  ")
+    if out is not None:
+        _say(console, f"files in {out}/:", style="bold")
+        files = written_files(rec)
+        pad = min(28, max(len(name) for name, _ in files))
+        for name, what in files:
+            _say(console, f"{name:<{pad}}  {what}", first="  ", rest=" " * (pad + 4))
+    console.print("next:", style="bold")
+    for step in next_step(rec, out, command):
+        _say(console, step, first="  • ", rest="    ")
 
 
 def escape(text: str) -> str:
@@ -114,11 +150,12 @@ def escape(text: str) -> str:
     return html.escape(str(text), quote=True)
 
 
-def write_gradient_report(spectrum, out: Path) -> None:
+def write_gradient_report(spectrum, out: Path) -> dict[str, str]:
     """Per-layer table (markdown) and one plot per layer group: left, the spectra of halves A
     and B (directions the data asks for stand out in both; noise differs between them); right,
     the cross-fitted t of both directions (A's directions on B, B's on A) against the noise
-    band, whose top edge is the max-statistic threshold a direction must clear to count."""
+    band, whose top edge is the max-statistic threshold a direction must clear to count.
+    Returns the files written (names in `out`) and what each holds."""
     rows = spectrum.layer_table()
     cols = ["layer", "shape", "method", "replication_by_fraction", "replication",
             "gavish_donoho", "energy90", "energy95", "replicated_energy90", "stable",
@@ -132,6 +169,7 @@ def write_gradient_report(spectrum, out: Path) -> None:
               "sketched layer's top signal subspaces and an independent replica sketch's (with "
               "--sketch-check); – for exact layers or without it."]
     atomic_write_text(Path(out) / "gradient_layers.md", "\n".join(lines) + "\n")
+    files = {"gradient_layers.md": "the gradient spectrum's per-layer table"}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,3 +210,5 @@ def write_gradient_report(spectrum, out: Path) -> None:
                      fontsize=7)
         save_figure(fig, Path(out) / f"gradient_{group}.png")
         plt.close(fig)
+        files[f"gradient_{group}.png"] = f"spectra and cross-fitted t of the {group} layers"
+    return files
