@@ -21,12 +21,17 @@ from lorank import data as data_mod
 from lorank.decide import Recommendation, candidate_ranks, decide
 from lorank.errors import LorankError
 from lorank.estimators.base import Evidence
-from lorank.estimators.capacity import capacity_evidence, frozen_head_bits, load_calibration
+from lorank.estimators.capacity import (
+    capacity_evidence,
+    frozen_head_bits,
+    head_sample,
+    load_calibration,
+)
 from lorank.export import ensure_writable, write_outputs
-from lorank.models import LoadedModel, load_model
+from lorank.models import LoadedModel, load_model, model_fingerprint
 from lorank.planned_run import PlannedRun, step_seconds
 from lorank.targets import TargetSet, resolve_targets
-from lorank.util import atomic_write_text
+from lorank.util import KEPT_DIR, Kept, atomic_write_text, output_dir_guard
 
 # the calibrated capacity estimate decides by default; the gradient spectrum (`analyze`, or
 # estimators=("capacity", "gradient")) is reported beside it only when asked: its count has not
@@ -115,80 +120,129 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
         budget_form(budget)
         check_probe_method(probe_method)
         learning_rates(lr)
-    if out is not None:
-        ensure_writable(Path(out))
-    seed_everything(seed)
-    loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
-                                      max_length=max_length, seed=seed, dtype=dtype, device=device,
-                                      trust_remote_code=trust_remote_code, offline=offline)
-    if "probe" in estimators and budget in (None, "auto") and (epochs or steps):
-        budget = str(planned.steps_over(len(prepared.train)))  # the probe trains the planned run
-    target_set = resolve_targets(loaded.model, targets)
-    if rank is not None:
-        target_set.check_rank(rank)
-    ranks = candidate_ranks(target_set, max_rank)
-    measured = None
-    if sweep is not None:  # read before any measuring: a wrong sweep fails fast
-        from lorank.sweep import sweep_evidence
+    with output_dir_guard(out):  # a run that fails leaves no empty output folder behind
+        if out is not None:
+            ensure_writable(Path(out))
+        seed_everything(seed)
+        loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
+                                          max_length=max_length, seed=seed, dtype=dtype,
+                                          device=device, trust_remote_code=trust_remote_code,
+                                          offline=offline)
+        if "probe" in estimators and budget in (None, "auto") and (epochs or steps):
+            # the probe trains the planned run
+            budget = str(planned.steps_over(len(prepared.train)))
+        target_set = resolve_targets(loaded.model, targets)
+        if rank is not None:
+            target_set.check_rank(rank)
+        ranks = candidate_ranks(target_set, max_rank)
+        measured = None
+        if sweep is not None:  # read before any measuring: a wrong sweep fails fast
+            from lorank.sweep import sweep_evidence
 
-        measured = sweep_evidence(Path(sweep), data_hash=prepared.data_hash)
+            measured = sweep_evidence(Path(sweep), data_hash=prepared.data_hash)
+        kept = kept_measurements(out, loaded)
+        prof, profile_seconds = measure_profile(prepared, loaded, kept, sample=profile_sample,
+                                                batch_size=batch_size, seed=seed,
+                                                progress=progress)
+
+        evidence: list[Evidence] = [measured] if measured is not None else []
+        probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
+                      "lr": lr, "out": Path(out) if out is not None else None,
+                      "gradient": {"calib": calib, "max_rank": gradient_max_rank,
+                                   "sketch_check": sketch_check,
+                                   "replay_mb": gradient_replay_mb}}
+        for name in estimators:
+            evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
+                                          batch_size=batch_size, seed=seed, progress=progress,
+                                          profile_seconds=profile_seconds, probe=probe_opts,
+                                          run=planned, kept=kept))
+        seq_len = int(prof.length_percentiles["p90"])
+        inputs: dict[str, Any] = {
+            "model": loaded.source, "model_path": loaded.path, "data": str(data),
+            "val_data": str(val_data) if val_data else None, "data_hash": prepared.data_hash,
+            "format": prepared.fmt, "targets": targets, "max_length": max_length, "seed": seed,
+            "batch_size": batch_size, "planned_run": planned.to_dict(prof.examples),
+            "profile": prof.to_dict(), "versions": versions(), "reused": list(kept.reused),
+        }
+        rec = decide(evidence, target_set, ranks=ranks, task=prepared.task,
+                     batch_size=batch_size, seq_len=seq_len, inputs=inputs, forced_rank=rank)
+        if out is not None:
+            write_outputs(rec, Path(out), base_model=loaded.path)
+        return rec
+
+
+def kept_measurements(out: str | Path | None, loaded: LoadedModel) -> Kept:
+    """The finished measurements kept under OUT/cache/ for this model and this software (see
+    `lorank.util.Kept`); without `out`, nothing is kept or reused."""
+    if out is None:
+        return Kept(None)
+    software = {k: v for k, v in versions().items()
+                if k in ("lorank", "torch", "transformers", "peft")}
+    return Kept(Path(out) / KEPT_DIR, {"model": model_fingerprint(loaded), "software": software})
+
+
+def measure_profile(prepared: data_mod.PreparedData, loaded: LoadedModel, kept: Kept, *,
+                    sample: int = 64, batch_size: int = 8, seed: int = 0,
+                    progress: bool = True) -> tuple[data_mod.DataProfile, float]:
+    """`data.profile` of the prepared data, and the seconds it took; the base model's
+    measurements on it (loss and speed) are reused from `kept` when they were made on the same
+    samples with the same batch size (the seconds then are those they took), and kept
+    otherwise."""
     start = time.perf_counter()
-    prof = data_mod.profile(prepared, loaded.model, sample=profile_sample, batch_size=batch_size,
-                            pad_token_id=loaded.pad_token_id, progress=progress, seed=seed)
-    profile_seconds = time.perf_counter() - start
-
-    evidence: list[Evidence] = [measured] if measured is not None else []
-    probe_opts = {"budget": budget, "method": probe_method, "max_rank": probe_max_rank,
-                  "lr": lr, "out": Path(out) if out is not None else None,
-                  "gradient": {"calib": calib, "max_rank": gradient_max_rank,
-                               "sketch_check": sketch_check, "replay_mb": gradient_replay_mb}}
-    for name in estimators:
-        evidence.append(run_estimator(name, loaded, prepared, prof, target_set, ranks,
-                                      batch_size=batch_size, seed=seed, progress=progress,
-                                      profile_seconds=profile_seconds, probe=probe_opts,
-                                      run=planned))
-    seq_len = int(prof.length_percentiles["p90"])
-    inputs: dict[str, Any] = {
-        "model": loaded.source, "model_path": loaded.path, "data": str(data),
-        "val_data": str(val_data) if val_data else None, "data_hash": prepared.data_hash,
-        "format": prepared.fmt, "targets": targets, "max_length": max_length, "seed": seed,
-        "batch_size": batch_size, "planned_run": planned.to_dict(prof.examples),
-        "profile": prof.to_dict(), "versions": versions(),
-    }
-    rec = decide(evidence, target_set, ranks=ranks, task=prepared.task, batch_size=batch_size,
-                 seq_len=seq_len, inputs=inputs, forced_rank=rank)
-    if out is not None:
-        write_outputs(rec, Path(out), base_model=loaded.path)
-    return rec
+    picked = data_mod.profile_samples(prepared, sample=sample, batch_size=batch_size, seed=seed)
+    key = {"speed": data_mod.data_hash(picked["speed"]), "loss": data_mod.data_hash(picked["loss"]),
+           "batch_size": batch_size, "pad_token_id": loaded.pad_token_id}
+    what = "forward speed" if prepared.task == "classification" else "base loss"
+    measured = kept.load("base-model", key, what)
+    prof = data_mod.profile(prepared, loaded.model, sample=sample, batch_size=batch_size,
+                            pad_token_id=loaded.pad_token_id, progress=progress, seed=seed,
+                            measured=measured)
+    if measured is not None:
+        return prof, float(measured["seconds"])
+    seconds = time.perf_counter() - start
+    kept.store("base-model", key, {name: getattr(prof, name)
+                                   for name in data_mod.MODEL_MEASUREMENTS} | {"seconds": seconds})
+    return prof, seconds
 
 
 def run_estimator(name: str, loaded: LoadedModel, prepared: data_mod.PreparedData,
                   prof: data_mod.DataProfile, targets: TargetSet, ranks: list[int], *,
                   batch_size: int, seed: int, progress: bool, profile_seconds: float,
-                  probe: dict[str, Any] | None = None, run: PlannedRun | None = None
-                  ) -> Evidence:
-    """Dispatch one estimator by name."""
+                  probe: dict[str, Any] | None = None, run: PlannedRun | None = None,
+                  kept: Kept | None = None) -> Evidence:
+    """Dispatch one estimator by name; `kept`: finished measurements to reuse and to keep."""
+    kept = kept if kept is not None else Kept(None)
     if name == "capacity":
         start = time.perf_counter()
-        head = frozen_head_bits(loaded.model, prepared.train, pad_token_id=loaded.pad_token_id,
-                                batch_size=batch_size, seed=seed) \
-            if prepared.task == "classification" else None
+        head, head_seconds = None, 0.0
+        if prepared.task == "classification":
+            key = {"examples": data_mod.data_hash(head_sample(prepared.train, seed)),
+                   "batch_size": batch_size, "seed": seed}
+            stored = kept.load("head-bits", key, "frozen-feature head loss")
+            if stored is not None:
+                head, head_seconds = stored["head"], float(stored["seconds"])
+            else:
+                head = frozen_head_bits(loaded.model, prepared.train,
+                                        pad_token_id=loaded.pad_token_id,
+                                        batch_size=batch_size, seed=seed)
+                head_seconds = time.perf_counter() - start
+                kept.store("head-bits", key, {"head": head, "seconds": head_seconds})
         return capacity_evidence(prof, targets, ranks, run=run, head=head,
                                  calibration=load_calibration(),
-                                 seconds=profile_seconds + time.perf_counter() - start)
+                                 seconds=profile_seconds + head_seconds)
     if name == "gradient":
         gradient = (probe or {}).get("gradient", {})
         return run_gradient(loaded, prepared, targets, calib=gradient.get("calib", 256),
                             max_rank=gradient.get("max_rank"), batch_size=batch_size,
                             seed=seed, progress=progress, out=(probe or {}).get("out"),
                             sketch_check=gradient.get("sketch_check", False),
-                            replay_mb=gradient.get("replay_mb"))
+                            replay_mb=gradient.get("replay_mb"), kept=kept)
     if name == "probe":
         probe = probe or {}
         return run_probe(loaded, prepared, targets, prof, method=probe.get("method", "svd"),
                          max_rank=probe.get("max_rank", 64), budget=probe.get("budget"),
                          lr=probe.get("lr", 1e-3), batch_size=batch_size, seed=seed,
-                         progress=progress, out=probe.get("out"))
+                         progress=progress, out=probe.get("out"), kept=kept)
     raise LorankError(f"--estimators {name}: unknown estimator (known: {', '.join(ESTIMATORS)})")
 
 
@@ -218,16 +272,19 @@ def _head_restored(model: torch.nn.Module, classification: bool) -> Iterator[Non
 def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: TargetSet, *,
                  calib: int = 256, max_rank: int | None = None, batch_size: int = 8,
                  seed: int = 0, progress: bool = True, out: Path | None = None,
-                 sketch_check: bool = False, replay_mb: float | None = None) -> Evidence:
+                 sketch_check: bool = False, replay_mb: float | None = None,
+                 kept: Kept | None = None) -> Evidence:
     """Gradient spectrum on a seeded calibration sample: how many directions the data asks for.
 
     A classification model first gets its new head fitted on frozen features (in place, and
     given back as it was when the analysis ends): gradients through a random head are mostly
-    noise.
+    noise. The finished spectrum is kept in `kept` (default: OUT/cache/ with `out`), and one
+    kept there for the same model, calibration sample and options is reused, not measured
+    again (`replay_mb` is not an option of the result: it only trades memory for time).
     """
     import random
 
-    from lorank.estimators.gradient import REPLAY_MB, gradient_spectrum
+    from lorank.estimators.gradient import REPLAY_MB, GradientSpectrum, gradient_spectrum
     from lorank.report import write_gradient_report
 
     if calib < 4:
@@ -250,16 +307,26 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     fractions = (0.25, 0.5, 1.0) if len(sample) >= 16 else (0.5, 1.0) if len(sample) >= 8 \
         else (1.0,)
     classification = prepared.task == "classification"
-    with _head_restored(model, classification):
-        try:
-            spectrum = gradient_spectrum(model, sample, [t.name for t in targets.layers],
-                                         pad_token_id=loaded.pad_token_id, max_rank=max_rank,
-                                         batch_size=batch_size, seed=seed, fractions=fractions,
-                                         n_train=len(prepared.train), sketch_check=sketch_check,
-                                         replay_mb=replay_mb, fit_head=classification,
-                                         progress=progress)
-        except ValueError as err:
-            raise LorankError(str(err)) from None
+    kept = kept if kept is not None else kept_measurements(out, loaded)
+    names = [t.name for t in targets.layers]
+    key = {"calibration": data_mod.data_hash(sample), "n_train": len(prepared.train),
+           "targets": names, "max_rank": max_rank, "batch_size": batch_size, "seed": seed,
+           "fractions": fractions, "sketch_check": sketch_check, "fit_head": classification,
+           "pad_token_id": loaded.pad_token_id}
+    stored = kept.load("gradient", key, "gradient spectrum")
+    if stored is not None:
+        spectrum = GradientSpectrum.from_dict(stored["spectrum"])
+    else:
+        with _head_restored(model, classification):
+            try:
+                spectrum = gradient_spectrum(model, sample, names,
+                                             pad_token_id=loaded.pad_token_id, max_rank=max_rank,
+                                             batch_size=batch_size, seed=seed,
+                                             fractions=fractions, n_train=len(prepared.train),
+                                             sketch_check=sketch_check, replay_mb=replay_mb,
+                                             fit_head=classification, progress=progress)
+            except ValueError as err:
+                raise LorankError(str(err)) from None
     fit = spectrum.settings["head_fit"]
     if fit is not None:
         head_note = (f"head '{fit['head']}' fitted on frozen features first "
@@ -268,7 +335,12 @@ def run_gradient(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: 
     evidence.name = "gradient"
     if head_note:
         evidence.notes.insert(0, head_note)
-    evidence.cost_seconds = time.perf_counter() - start
+    if stored is not None:  # what measuring it cost, when it was measured
+        evidence.cost_seconds = stored["cost_seconds"]
+    else:
+        evidence.cost_seconds = time.perf_counter() - start
+        kept.store("gradient", key, {"spectrum": spectrum.to_dict(),
+                                     "cost_seconds": evidence.cost_seconds})
     if out is not None:
         evidence.details["files"] = write_gradient_report(spectrum, ensure_writable(Path(out)))
     return evidence
@@ -344,6 +416,13 @@ def probe_cost(wall: float, train_seconds: float, steps_done: int, eval_seconds:
 
 
 PROBE_CHECKPOINT = "probe_checkpoint"  # under --out; removed once the probe has finished
+PILOT_LOSSES = "pilot_losses.json"  # in the checkpoint: each pilot lr's loss as it finishes
+
+
+def _holds_work(root: Path) -> bool:
+    """Whether a probe checkpoint holds finished work: a training checkpoint or pilot losses."""
+    return any(root.rglob("checkpoint-*")) or any(root.rglob(PILOT_LOSSES)) \
+        or (root / "pilot.json").exists()
 
 
 @contextmanager
@@ -355,7 +434,8 @@ def probe_checkpoint(out: Path | None, identity: dict[str, Any]
     again resumes (the CLI promises it); it holds `identity.json` (method, model, tokenized
     examples, recipe), and a checkpoint made for any other identity is discarded, never
     resumed. It is removed once the probe finishes (or fails for good: a LorankError); any
-    other exception (Ctrl-C, out of memory) keeps it. Without `out`, a temporary directory.
+    other exception (Ctrl-C, SIGTERM, out of memory) keeps it, unless it holds no finished
+    work yet. Without `out`, a temporary directory.
     """
     if out is None:
         with tempfile.TemporaryDirectory(prefix="lorank-probe-") as tmp:
@@ -374,7 +454,7 @@ def probe_checkpoint(out: Path | None, identity: dict[str, Any]
             shutil.rmtree(root)
             note = (f"a probe checkpoint in {root} was made with other inputs or settings: "
                     "discarded, the probe started afresh")
-        elif len(list(root.rglob("*.json"))) > 1:  # more than identity.json: work to resume
+        elif _holds_work(root):
             note = f"continued the interrupted probe from its checkpoint in {root}"
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(id_file, json.dumps(wanted, indent=1))
@@ -383,6 +463,10 @@ def probe_checkpoint(out: Path | None, identity: dict[str, Any]
     except LorankError:
         shutil.rmtree(root, ignore_errors=True)
         raise
+    except BaseException:
+        if not _holds_work(root):  # nothing finished to continue from
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -390,26 +474,23 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
               prof: data_mod.DataProfile, *, method: str = "svd", max_rank: int = 64,
               budget: str | int | None = None, lr: float | Sequence[float] = 1e-3,
               batch_size: int = 8, seed: int = 0, progress: bool = True,
-              out: Path | None = None) -> Evidence:
+              out: Path | None = None, kept: Kept | None = None) -> Evidence:
     """One training run at `max_rank`, read at every smaller rank (nested or SVD truncation).
 
     Several learning rates in `lr`: a pilot (a quarter of the schedule per lr) picks the one
     the probe trains at; its cost is part of the probe's. The SVD variant pilots at R itself
     and continues the winner's run (cost 1 + (k-1)/4 runs for k lrs); the nested one pilots
     at the middle candidate rank.
+
+    With `out`, finished work outlives an interruption: each pilot lr's loss and the run's
+    checkpoints (OUT/probe_checkpoint/, see `probe_checkpoint`), then the finished probe's
+    Evidence in `kept` (default OUT/cache/), which the same probe run again reuses as it is.
     """
     import copy
 
-    from lorank.estimators.probe import (
-        SaveEvery,
-        SVDCurveEvaluator,
-        default_ranks,
-        nested_probe,
-        pick_learning_rate,
-        pilot_rank,
-    )
+    from lorank.estimators.probe import default_ranks
     from lorank.plots import plot_rank_curve
-    from lorank.train import TrainConfig, train_lora
+    from lorank.train import TrainConfig
 
     check_probe_method(method)
     max_rank = min(max_rank, targets.max_rank)
@@ -425,7 +506,6 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                          # watches it (early stopping) four times
                          eval_every=steps if method == "svd" else max(1, steps // 4),
                          warmup_ratio=0.1)
-    start = time.perf_counter()
 
     def factory():
         return copy.deepcopy(loaded.model)
@@ -434,50 +514,91 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
                 "dtype": str(loaded.model.dtype), "lrs": lrs, "ranks": ranks,
                 "examples": data_mod.data_hash(prepared.train + prepared.val),
                 "config": config.to_dict()}
-    with probe_checkpoint(out, identity) as (work, resumed_note):
-        pilot_file = work / "pilot.json"
-        pilot = json.loads(pilot_file.read_text()) if pilot_file.exists() else None
-        if pilot is None and len(lrs) > 1:
-            # SVD: the curve is read off one plain run at R, so the pilot runs at R, scores
-            # each lr by that run truncated to the middle rank (where the decision is made),
-            # and the winner's run is continued; nested: every rank trains, the pilot trains
-            # the middle rank itself
-            svd = method == "svd"
-            pilot = pick_learning_rate(factory, prepared.train, prepared.val,
-                                       pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
-                                       rank=max_rank if svd else pilot_rank(ranks),
-                                       read_at=pilot_rank(ranks) if svd else None,
-                                       seed=seed, progress=progress,
-                                       checkpoint_root=work / "pilot" if svd else None)
-            atomic_write_text(pilot_file, json.dumps(pilot))  # a resumed probe does not pilot again
-        if pilot is not None:
-            config = replace(config, learning_rate=pilot["learning_rate"])
-        # checkpoints (every quarter, eval point or not) only where a re-run can find them
-        keep = out is not None
-        saves = [SaveEvery(max(1, steps // 4))] if keep else []
-        if method == "nested":
-            result = nested_probe(factory, prepared.train, prepared.val,
-                                  pad_token_id=loaded.pad_token_id, config=config,
-                                  budget_steps=steps, max_rank=max_rank, seed=seed,
-                                  progress=progress, out_dir=work / "nested" if keep else None,
-                                  resume=keep, callbacks=saves)
-        else:
-            continued = pilot is not None and "checkpoint_dir" in pilot
-            run_dir = Path(pilot["checkpoint_dir"]) if continued else work / "run"
-            # the run's one evaluation, at its last step, is the truncation curve itself
-            curve_eval = SVDCurveEvaluator(ranks, prepared.val, pad_token_id=loaded.pad_token_id,
-                                           train_examples=prepared.train,
-                                           batch_size=batch_size, seed=seed)
-            trained = train_lora(factory, prepared.train, prepared.val, config,
-                                 pad_token_id=loaded.pad_token_id, progress=progress,
-                                 evaluator=curve_eval,
-                                 out_dir=run_dir if keep or continued else None,
-                                 resume=keep or continued, callbacks=saves)
-            if curve_eval.result is None:
-                raise LorankError(f"svd probe: the rank-{max_rank} run failed "
-                                  f"({trained.status}); try a lower --lr")
-            result = curve_eval.result
-            result.steps_done = trained.steps_done  # the curve reads this run's adapter
+    kept = kept if kept is not None else kept_measurements(out, loaded)
+    stored = kept.load("probe", identity, "probe curve")
+    if stored is not None:
+        evidence = Evidence.from_dict(stored)
+        if out is not None:  # left behind when stopped between keeping and cleaning up
+            shutil.rmtree(Path(out) / PROBE_CHECKPOINT, ignore_errors=True)
+    else:
+        # the checkpoint also belongs to the model's files (kept's common key holds them)
+        with probe_checkpoint(out, identity | kept.common) as (work, resumed_note):
+            evidence = _probe_in(work, resumed_note, factory, loaded, prepared, config,
+                                 method=method, lrs=lrs, ranks=ranks, steps=steps,
+                                 budget_text=budget_text, max_rank=max_rank,
+                                 batch_size=batch_size, seed=seed, progress=progress,
+                                 keep=out is not None)
+            # kept before the checkpoint goes: the finished probe is never lost
+            kept.store("probe", identity, evidence.to_dict())
+    if out is not None:
+        ensure_writable(out)
+        plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",
+                        picks={evidence.name: evidence.suggested_rank},
+                        title=f"{evidence.name}: validation loss per rank (one run)")
+        evidence.details["files"] = {"probe_curve.png": "the probe's rank–loss curve"}
+    return evidence
+
+
+def _probe_in(work: Path, resumed_note: str | None, factory, loaded: LoadedModel,
+              prepared: data_mod.PreparedData, config, *, method: str, lrs: list[float],
+              ranks: list[int], steps: int, budget_text: str, max_rank: int,
+              batch_size: int, seed: int, progress: bool, keep: bool) -> Evidence:
+    """`run_probe`'s pilot, run and Evidence, in its working directory `work`; `keep`: leave
+    checkpoints there for a rerun to continue from."""
+    from lorank.estimators.probe import (
+        SaveEvery,
+        SVDCurveEvaluator,
+        nested_probe,
+        pick_learning_rate,
+        pilot_rank,
+    )
+    from lorank.train import train_lora
+
+    start = time.perf_counter()
+    pilot_file = work / "pilot.json"
+    pilot = json.loads(pilot_file.read_text()) if pilot_file.exists() else None
+    if pilot is None and len(lrs) > 1:
+        # SVD: the curve is read off one plain run at R, so the pilot runs at R, scores
+        # each lr by that run truncated to the middle rank (where the decision is made),
+        # and the winner's run is continued; nested: every rank trains, the pilot trains
+        # the middle rank itself
+        svd = method == "svd"
+        pilot = pick_learning_rate(factory, prepared.train, prepared.val,
+                                   pad_token_id=loaded.pad_token_id, config=config, lrs=lrs,
+                                   rank=max_rank if svd else pilot_rank(ranks),
+                                   read_at=pilot_rank(ranks) if svd else None,
+                                   seed=seed, progress=progress,
+                                   checkpoint_root=work / "pilot" if svd else None,
+                                   record=work / PILOT_LOSSES)
+        atomic_write_text(pilot_file, json.dumps(pilot))  # a resumed probe does not pilot again
+    if pilot is not None:
+        config = replace(config, learning_rate=pilot["learning_rate"])
+    # checkpoints (every quarter, eval point or not) only where a re-run can find them
+    saves = [SaveEvery(max(1, steps // 4))] if keep else []
+    continued = False
+    if method == "nested":
+        result = nested_probe(factory, prepared.train, prepared.val,
+                              pad_token_id=loaded.pad_token_id, config=config,
+                              budget_steps=steps, max_rank=max_rank, seed=seed,
+                              progress=progress, out_dir=work / "nested" if keep else None,
+                              resume=keep, callbacks=saves)
+    else:
+        continued = pilot is not None and "checkpoint_dir" in pilot
+        run_dir = Path(pilot["checkpoint_dir"]) if continued else work / "run"
+        # the run's one evaluation, at its last step, is the truncation curve itself
+        curve_eval = SVDCurveEvaluator(ranks, prepared.val, pad_token_id=loaded.pad_token_id,
+                                       train_examples=prepared.train,
+                                       batch_size=batch_size, seed=seed)
+        trained = train_lora(factory, prepared.train, prepared.val, config,
+                             pad_token_id=loaded.pad_token_id, progress=progress,
+                             evaluator=curve_eval,
+                             out_dir=run_dir if keep or continued else None,
+                             resume=keep or continued, callbacks=saves)
+        if curve_eval.result is None:
+            raise LorankError(f"svd probe: the rank-{max_rank} run failed "
+                              f"({trained.status}); try a lower --lr")
+        result = curve_eval.result
+        result.steps_done = trained.steps_done  # the curve reads this run's adapter
     evidence = result.to_evidence()
     evidence.cost_seconds = time.perf_counter() - start
     n_val = len(prepared.val)
@@ -506,12 +627,6 @@ def run_probe(loaded: LoadedModel, prepared: data_mod.PreparedData, targets: Tar
         evidence.notes.append(f"learning rate {config.learning_rate:g} chosen by a pilot at rank "
                               f"{pilot['rank']}{read} ({pilot['steps_each']} steps each; val "
                               f"loss {tried})")
-    if out is not None:
-        ensure_writable(out)
-        plot_rank_curve({evidence.name: evidence.curve}, Path(out) / "probe_curve.png",
-                        picks={evidence.name: evidence.suggested_rank},
-                        title=f"{evidence.name}: validation loss per rank (one run)")
-        evidence.details["files"] = {"probe_curve.png": "the probe's rank–loss curve"}
     return evidence
 
 
@@ -550,35 +665,37 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
     if skip_margin is not None and not skip_margin >= 0:
         raise LorankError(f"--skip-margin {skip_margin:g}: must be at least 0 (nats)")
     learning_rates(lrs, "--lrs")
-    out = ensure_writable(Path(out))
-    loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
-                                      max_length=max_length, seed=seed, dtype=dtype,
-                                      device=device, trust_remote_code=trust_remote_code,
-                                      offline=offline)
-    target_set = resolve_targets(loaded.model, targets)
-    for r in ranks:
-        target_set.check_rank(r)
-    recipe = {"target_modules": target_set.peft_target_modules,
-              "modules_to_save": target_set.modules_to_save or None,
-              "steps": steps, "batch_size": batch_size,
-              "eval_every": eval_every or max(1, steps // 4),
-              "lora_alpha": DEFAULT_ALPHA if lora_alpha is None else lora_alpha,
-              "use_rslora": True,
-              "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
-    if gradient_checkpointing:  # only when on, so studies made before the option keep their identity
-        recipe["gradient_checkpointing"] = True
-    spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe,
-                     skip_margin=skip_margin, settle=settle)
-    meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
-            "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
-            "targets": targets, "max_length": max_length, "split_seed": seed,
-            "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions(),
-            "data_notes": prepared.notes}
-    result = run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
-                     pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
-                     max_trials=max_trials, progress=progress, meta=meta, command=command,
-                     heartbeat=HEARTBEAT_INTERVAL if heartbeat is None else heartbeat,
-                     grace=GRACE_PERIOD if grace is None else grace)
-    result.data_notes = prepared.notes
-    return result
+    with output_dir_guard(out):  # a run that fails leaves no empty output folder behind
+        out = ensure_writable(Path(out))
+        loaded, prepared = prepare_inputs(model, data, fmt=fmt, val_data=val_data,
+                                          max_length=max_length, seed=seed, dtype=dtype,
+                                          device=device, trust_remote_code=trust_remote_code,
+                                          offline=offline)
+        target_set = resolve_targets(loaded.model, targets)
+        for r in ranks:
+            target_set.check_rank(r)
+        recipe = {"target_modules": target_set.peft_target_modules,
+                  "modules_to_save": target_set.modules_to_save or None,
+                  "steps": steps, "batch_size": batch_size,
+                  "eval_every": eval_every or max(1, steps // 4),
+                  "lora_alpha": DEFAULT_ALPHA if lora_alpha is None else lora_alpha,
+                  "use_rslora": True,
+                  "warmup_ratio": warmup_ratio, "bf16": dtype in ("bfloat16", "bf16")}
+        # only when on, so studies made before the option keep their identity
+        if gradient_checkpointing:
+            recipe["gradient_checkpointing"] = True
+        spec = SweepSpec(ranks=list(ranks), lrs=list(lrs), seeds=list(seeds), recipe=recipe,
+                         skip_margin=skip_margin, settle=settle)
+        meta = {"model": loaded.source, "data": str(data), "data_hash": prepared.data_hash,
+                "n_train": len(prepared.train), "n_val": len(prepared.val), "format": prepared.fmt,
+                "targets": targets, "max_length": max_length, "split_seed": seed,
+                "params": {str(r): target_set.params(r) for r in ranks}, "versions": versions(),
+                "data_notes": prepared.notes}
+        result = run_sweep(model_factory_from(loaded.model), prepared.train, prepared.val, spec, out,
+                         pad_token_id=loaded.pad_token_id, storage=storage, prune=prune,
+                         max_trials=max_trials, progress=progress, meta=meta, command=command,
+                         heartbeat=HEARTBEAT_INTERVAL if heartbeat is None else heartbeat,
+                         grace=GRACE_PERIOD if grace is None else grace)
+        result.data_notes = prepared.notes
+        return result
 

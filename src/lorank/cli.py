@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -145,6 +148,8 @@ def _recommend(model: str, data: str, out: Path, command: str = "recommend", **k
     from lorank.report import print_recommendation
 
     rec = api_recommend(model, data, out=out, **kwargs)
+    for line in rec.inputs.get("reused", []):  # finished measurements of an earlier run
+        say(line)
     print_recommendation(rec, console, out=out, command=command)
 
 
@@ -446,13 +451,46 @@ def shrink(
 INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"
 
 
+class _Signals:
+    """The stop signal received, if any (SIGTERM is turned into a KeyboardInterrupt)."""
+
+    received: int | None = None
+
+
+def _stop_like_ctrl_c(signum: int, frame) -> None:
+    """SIGTERM handler: stop the way Ctrl-C does, so the finally blocks and context managers
+    that keep finished work run (Python's default for SIGTERM ends the process at once)."""
+    _Signals.received = signum
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupted(signum: int) -> NoReturn:
+    """One line on stderr, then the shell's exit code for the signal (130, SIGTERM 143)."""
+    name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    err_console.print(INTERRUPTED.replace("interrupted", f"interrupted{name}", 1),
+                      soft_wrap=True, markup=False, highlight=False)
+    sys.exit(128 + signum)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C or SIGTERM
+    keep finished work and exit with 130 or 143 after one line."""
+    _Signals.received = None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c) if on_main_thread else None
+    try:
+        _main()
+    finally:
+        if on_main_thread:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main() -> None:
     try:
         code = app(standalone_mode=False)
         # typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
         if code == 130:
-            err_console.print(INTERRUPTED)
+            _interrupted(_Signals.received or signal.SIGINT)
         if isinstance(code, int) and code:
             sys.exit(code)
     except LorankError as err:
@@ -463,8 +501,7 @@ def main() -> None:
                           soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print(INTERRUPTED)
-        sys.exit(130)
+        _interrupted(_Signals.received or signal.SIGINT)
     except Exception as err:  # click usage errors (typer vendors click) show themselves
         if hasattr(err, "show") and hasattr(err, "exit_code"):
             err.show()

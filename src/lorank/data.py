@@ -726,9 +726,27 @@ class DataProfile:
         return d
 
 
+MODEL_MEASUREMENTS = ("forward_seconds_per_token", "base_loss_nats", "base_loss_bits",
+                      "base_loss_sample")  # the fields of a DataProfile that run the model
+
+
+def profile_samples(data: PreparedData, *, sample: int = 64, batch_size: int = 8,
+                    seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The examples `profile` runs the model on: "speed" (one batch, timed) and "loss" (the
+    seeded sample whose base-model loss is measured; none for classification)."""
+    speed = random.Random(seed + 1).sample(data.train, min(batch_size, len(data.train)))
+    loss = [] if data.task == "classification" else \
+        random.Random(seed).sample(data.train, min(sample, len(data.train)))
+    return {"speed": speed, "loss": loss}
+
+
 def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int = 8,
-            pad_token_id: int = 0, progress: bool = True, seed: int = 0) -> DataProfile:
-    """Count examples and tokens; measure the base model's loss on a seeded sample."""
+            pad_token_id: int = 0, progress: bool = True, seed: int = 0,
+            measured: dict[str, Any] | None = None) -> DataProfile:
+    """Count examples and tokens; measure the base model's loss on a seeded sample.
+
+    `measured` holds the MODEL_MEASUREMENTS of an earlier profile of the same model, samples
+    (`profile_samples`) and options: they are taken as they are and the model is not run."""
     lengths = np.array([len(e["input_ids"]) for e in data.train])
     sup = sum(supervised_tokens(e) for e in data.train)
     prof = DataProfile(
@@ -739,9 +757,13 @@ def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int
         duplicate_rate=data.duplicate_rate, dropped=data.dropped, num_labels=data.num_labels,
         notes=list(data.notes),
     )
+    if measured is not None:
+        for name in MODEL_MEASUREMENTS:
+            setattr(prof, name, measured[name])
+        model = None
+    picked = profile_samples(data, sample=sample, batch_size=batch_size, seed=seed)
     if model is not None:
-        prof.forward_seconds_per_token = _forward_speed(model, data.train, pad_token_id,
-                                                        batch_size, seed)
+        prof.forward_seconds_per_token = _forward_speed(model, picked["speed"], pad_token_id)
     if data.task == "classification":
         counts = np.bincount([e["labels"] for e in data.train], minlength=data.num_labels or 1)
         p = counts[counts > 0] / counts.sum()
@@ -749,21 +771,18 @@ def profile(data: PreparedData, model=None, *, sample: int = 64, batch_size: int
         prof.notes.append("classification: the bits to learn are the label entropy per example")
         return prof
     if model is not None:
-        rng = random.Random(seed)
-        picked = rng.sample(data.train, min(sample, len(data.train)))
-        nats, tokens = _summed_loss(model, picked, pad_token_id, batch_size, progress)
+        nats, tokens = _summed_loss(model, picked["loss"], pad_token_id, batch_size, progress)
         prof.base_loss_nats = nats / max(tokens, 1)
         prof.base_loss_bits = prof.base_loss_nats / math.log(2)
-        prof.base_loss_sample = len(picked)
+        prof.base_loss_sample = len(picked["loss"])
     return prof
 
 
 @torch.no_grad()
-def _forward_speed(model, examples, pad_token_id, batch_size, seed) -> float:
+def _forward_speed(model, picked, pad_token_id) -> float:
     """Seconds per token of one forward pass (after a warm-up), for budget conversions."""
     import time
 
-    picked = random.Random(seed + 1).sample(examples, min(batch_size, len(examples)))
     batch = {k: v.to(next(model.parameters()).device)
              for k, v in collate(picked, pad_token_id).items() if k != "labels"}
     model(**batch)

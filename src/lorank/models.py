@@ -8,6 +8,7 @@ fast. `trust_remote_code` stays off unless the caller asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -58,6 +60,43 @@ class LoadedModel:
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+def model_fingerprint(loaded: LoadedModel) -> dict[str, Any]:
+    """What identifies a loaded model for reusing its measurements: what the user named, the
+    files it was loaded from (name, size, modification time of each; a cached hub id's snapshot,
+    whose folder name is its revision), its task, label count, dtype and device, and for a
+    classifier a digest of its head's weights (a new head is initialized from a seed, not read
+    from a file). A model changed in memory after loading, other than its head, is not noticed.
+    """
+    folder = Path(loaded.path)
+    if not folder.is_dir():  # a cached hub id: its snapshot folder
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(loaded.path, "config.json")
+        folder = Path(config).parent if isinstance(config, str) else folder
+    files = []
+    if folder.is_dir():
+        for f in sorted(folder.rglob("*")):
+            with contextlib.suppress(OSError):
+                if f.is_file():
+                    stat = f.stat()  # a hub snapshot's links: their blobs
+                    files.append([str(f.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
+    param = next(loaded.model.parameters())
+    head = None
+    if loaded.task == "classification":
+        from lorank.heads import find_classification_head
+
+        with contextlib.suppress(ValueError):
+            digest = hashlib.sha256()
+            for name, tensor in sorted(find_classification_head(loaded.model)[1]
+                                       .state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            head = digest.hexdigest()[:16]
+    return {"source": loaded.source, "path": str(folder.resolve()), "files": files,
+            "task": loaded.task, "num_labels": loaded.num_labels, "dtype": str(param.dtype),
+            "device": str(param.device), "head": head}
 
 
 def cache_dir() -> Path:

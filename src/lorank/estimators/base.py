@@ -36,3 +36,13 @@ class Evidence:
         d["per_rank"] = {str(k): v for k, v in self.per_rank.items()}
         d["curve"] = {str(k): v for k, v in self.curve.items()}
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Evidence:
+        """The Evidence `to_dict` wrote, also after a JSON round trip (rank keys back to int,
+        the interval back to a tuple); `details` is taken as it is."""
+        d = dict(d)
+        d["per_rank"] = {int(k): v for k, v in (d.get("per_rank") or {}).items()}
+        d["curve"] = {int(k): v for k, v in (d.get("curve") or {}).items()}
+        d["interval"] = tuple(d["interval"]) if d.get("interval") is not None else None
+        return cls(**d)

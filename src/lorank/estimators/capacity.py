@@ -231,6 +231,11 @@ def task_kind(task: str) -> str:
 
 
 @torch.no_grad()
+def head_sample(examples: list[dict], seed: int = 0, sample: int = HEAD_SAMPLE) -> list[dict]:
+    """The seeded sample of examples whose frozen features `frozen_head_bits` reads."""
+    return random.Random(seed).sample(examples, min(sample, len(examples)))
+
+
 def frozen_head_bits(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
                      batch_size: int = 8, seed: int = 0, sample: int = HEAD_SAMPLE
                      ) -> dict[str, Any]:
@@ -238,7 +243,7 @@ def frozen_head_bits(model: torch.nn.Module, examples: list[dict], *, pad_token_
     on one half of a seeded sample and scored on the other (and back), in bits. What a LoRA
     adapter has to add is what these features do not already separate, not the label entropy.
     """
-    picked = random.Random(seed).sample(examples, min(sample, len(examples)))
+    picked = head_sample(examples, seed, sample)
     cached = frozen_head_features(model, picked, pad_token_id=pad_token_id,
                                   batch_size=batch_size)
     xs = [c["x"].cpu() for c in cached]

@@ -56,6 +56,15 @@ class LayerSpectrum:
             d["inputs"] = {**self.inputs.to_dict(), "eigenvalues": self.inputs.eigenvalues[:64]}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerSpectrum:
+        """The layer `to_dict` wrote (after a JSON round trip too), without its singular
+        vectors (`u`, `v` None) and with the input spectrum's top eigenvalues only."""
+        d = dict(d)
+        if d.get("inputs") is not None:
+            d["inputs"] = ActivationLayer(**d["inputs"])
+        return cls(**d)
+
     def input_rank(self, p: float) -> int | None:
         """Input directions holding a fraction p (0.9 or 0.95) of the inputs' energy."""
         return None if self.inputs is None else self.inputs.energy_ranks.get(str(p))
@@ -165,6 +174,15 @@ class GradientSpectrum:
             "groups": list(self.groups),
             "layers": [layer.to_dict() for layer in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GradientSpectrum:
+        """The spectrum `to_dict` wrote, after a JSON round trip too: its ranks, tables and
+        Evidence are those of the spectrum that was measured (see `LayerSpectrum.from_dict`)."""
+        d = dict(d)
+        d["fractions"] = tuple(d["fractions"])
+        d["layers"] = [LayerSpectrum.from_dict(layer) for layer in d["layers"]]
+        return cls(**d)
 
     def to_evidence(self, rule: str | None = None) -> Evidence:
         rule = _check_rule(rule or self.rule)

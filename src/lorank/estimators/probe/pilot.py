@@ -4,6 +4,7 @@ validation loss wins (a probe reads every rank at one lr).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from lorank.estimators.probe.callbacks import _StopAt
 from lorank.estimators.probe.curve import _subsample
 from lorank.estimators.probe.svd import SVDCurveEvaluator
 from lorank.train import TrainConfig, train_lora
+from lorank.util import atomic_write_text
 
 
 def pilot_rank(ranks: Sequence[int]) -> int:
@@ -41,6 +43,7 @@ def pick_learning_rate(
     progress: bool = True,
     checkpoint_root: Path | None = None,
     read_at: int | None = None,
+    record: Path | None = None,
 ) -> dict[str, Any]:
     """Pick the probe's learning rate: the first `fraction` of the recipe's schedule at `rank`
     for each lr, scored on `n_val` validation examples; the lowest loss wins. With `read_at`,
@@ -50,7 +53,10 @@ def pick_learning_rate(
     learning rate per rank"), and a probe reads every rank at one lr. With `checkpoint_root`,
     each lr's run leaves its checkpoint in `checkpoint_root/lr<lr>` and the result names the
     winner's (`checkpoint_dir`): `train_lora(..., out_dir=that, resume=True)` with the same
-    config finishes it, so the pilot's winning quarter is not trained twice.
+    config finishes it, so the pilot's winning quarter is not trained twice. With `record` (a
+    JSON file, for the same inputs and settings only), each lr's loss is kept there as soon as
+    its run ends, and an lr already there is not trained again: an interrupted pilot continues
+    with the lrs it had not finished.
     """
     lrs = sorted(set(float(x) for x in lrs))
     stop = max(1, math.ceil(fraction * config.steps))
@@ -58,9 +64,15 @@ def pick_learning_rate(
     losses: dict[float, float] = {}
     dirs: dict[float, Path | None] = {}
     t0 = time.time()
+    finished: dict[str, float] = {}
+    if record is not None and Path(record).exists():
+        finished = json.loads(Path(record).read_text(encoding="utf-8"))
     for lr in lrs:
         cfg = replace(config, rank=rank, learning_rate=lr, eval_every=stop, seed=seed)
         dirs[lr] = Path(checkpoint_root) / f"lr{lr:g}" if checkpoint_root is not None else None
+        if f"{lr:g}" in finished:
+            losses[lr] = float(finished[f"{lr:g}"])
+            continue
         # with read_at, the run's one evaluation is the truncated adapter's loss itself
         evaluator = None if read_at is None else SVDCurveEvaluator(
             [read_at], sub, pad_token_id=pad_token_id,
@@ -70,6 +82,9 @@ def pick_learning_rate(
                          evaluator=evaluator)
         loss = res.final_val_loss
         losses[lr] = loss if res.ok and math.isfinite(loss) else math.inf
+        if record is not None:
+            finished[f"{lr:g}"] = losses[lr]
+            atomic_write_text(Path(record), json.dumps(finished))
     best = min(lrs, key=lambda lr: (losses[lr], lr))
     pilot = {"learning_rate": best, "losses": {f"{lr:g}": v for lr, v in losses.items()},
              "rank": rank, "read_at": read_at or rank, "steps_each": stop,
