@@ -5,6 +5,7 @@ runs and keeps the best rank-k update), with one-line errors for what is not a L
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -107,3 +108,156 @@ def test_cli_inspect_and_shrink(monkeypatch, capsys, tmp_path):
     assert_one_line_error(code, err, "above the adapter's own rank")
     code, _, err = run(monkeypatch, capsys, "inspect", str(tmp_path / "nothing"))
     assert_one_line_error(code, err, "no such adapter directory")
+
+
+# ------------------------------------------------------------------- with data: loss per rank
+
+LETTERS = "abcdefghijklmnop"
+SUCCESSOR = dict(zip(LETTERS, "fkbpamhdlogcejni", strict=True))  # one 16-cycle
+
+
+def _successor_data(path, n: int = 80):
+    """Strings where each letter's successor is fixed (a permutation): learnable from the
+    current token alone, by a map of rank up to 16."""
+    from conftest import write_jsonl
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        text = rng.choice(LETTERS)
+        for _ in range(8):
+            text += SUCCESSOR[text[-1]]
+        rows.append({"prompt": text[:2], "completion": text[2:]})
+    return write_jsonl(path, rows)
+
+
+def _planted_head_adapter(base_dir, data, path, keep: int) -> None:
+    """A rank-8 lm_head adapter that the data needs: the least-squares map from the base
+    model's last hidden states (training split) to the next letter, its top 8 directions, of
+    which only the first `keep` are kept (keep=8: a full-rank adapter whose every direction
+    lowers the loss; keep=2: true rank 2 inside rank 8)."""
+    from lorank.api import prepare_inputs
+    from lorank.data import collate
+
+    loaded, prepared = prepare_inputs(str(base_dir), data)
+    batch = collate(prepared.train, loaded.pad_token_id)
+    with torch.no_grad():
+        hidden = loaded.model.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    target = torch.nn.functional.one_hot(labels[mask], loaded.model.config.vocab_size) * 5.0
+    fit = torch.linalg.lstsq(hidden[:, :-1][mask], target - target.mean(0)).solution
+    u, s, vh = torch.linalg.svd(fit.T, full_matrices=False)
+    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=8, target_modules=["lm_head"]))
+    head = model.base_model.model.lm_head
+    scale = head.scaling["default"]
+    root = s[:8].sqrt() * (torch.arange(8) < keep)
+    head.lora_B["default"].weight.data = u[:, :8] * root / scale
+    head.lora_A["default"].weight.data = root[:, None] * vh[:8]
+    model.save_pretrained(path, save_embedding_layers=False)
+
+
+@pytest.fixture
+def planted(tmp_path, tiny_llama_dir, one_thread):
+    """(data, full-rank adapter, rank-2-inside-8 adapter) on the tiny Llama saved in a folder
+    (each adapter's config names it as the base model)."""
+    data = _successor_data(tmp_path / "successor.jsonl")
+    _planted_head_adapter(tiny_llama_dir, data, tmp_path / "full", keep=8)
+    _planted_head_adapter(tiny_llama_dir, data, tmp_path / "two", keep=2)
+    return data, tmp_path / "full", tmp_path / "two"
+
+
+def test_inspect_with_data_gives_the_loss_per_truncated_rank(planted, tiny_llama_dir):
+    from lorank.api import inspect, prepare_inputs
+    from lorank.train import per_example_losses
+
+    data, full, _ = planted
+    report = inspect(full, data=str(data), progress=False)
+    curve = report.losses
+    assert curve.ranks == [1, 2, 4, 8] and set(curve.loss) == {1, 2, 4, 8}
+    assert curve.n_examples == 8 and report.model == str(tiny_llama_dir)
+    # the full-rank truncation (an SVD re-factorization) is the untouched adapter
+    loaded, prepared = prepare_inputs(str(tiny_llama_dir), data)
+    untouched = PeftModel.from_pretrained(loaded.model, full).eval()
+    plain = per_example_losses(untouched, prepared.val, loaded.pad_token_id)
+    assert curve.loss[8] == pytest.approx(float(plain.mean()), abs=1e-5)
+    assert curve.per_example[8] == pytest.approx(plain.tolist(), abs=1e-5)
+    # every direction of the planted full-rank map lowers the loss: not "could be smaller"
+    assert curve.state == "saturated" and curve.smallest_within == 8
+    assert curve.loss[4] > curve.loss[8] + curve.tol[4]
+    assert report.loss_verdict.startswith("saturated: the validation loss still falls")
+
+
+def test_inspect_with_data_calls_a_planted_low_rank_adapter_smaller(planted):
+    from lorank.api import inspect
+
+    data, _, two = planted
+    curve = inspect(two, data=str(data), progress=False).losses
+    assert curve.state == "could be smaller" and curve.smallest_within <= 2
+    assert curve.loss[2] == pytest.approx(curve.loss[8], abs=1e-5)  # rank 2 holds all of it
+    assert all(curve.within(r) for r in (2, 4, 8))
+
+
+def test_shrink_with_data_reports_the_loss_change(planted, tmp_path):
+    from lorank.api import shrink
+
+    data, full, two = planted
+    same = shrink(full, tmp_path / "full8", rank=8, data=str(data), progress=False)["loss"]
+    assert same["change"] == pytest.approx(0.0, abs=1e-5) and same["within_tolerance"]
+    lossless = shrink(two, tmp_path / "two2", rank=2, data=str(data), progress=False)["loss"]
+    assert lossless["change"] == pytest.approx(0.0, abs=1e-5)
+    cut = shrink(full, tmp_path / "full2", rank=2, data=str(data), progress=False)["loss"]
+    assert cut["change"] > cut["tol"] and not cut["within_tolerance"]
+    assert cut["loss_before"] == pytest.approx(same["loss_before"])
+
+
+def test_adapter_loss_bad_input_is_one_line_errors(planted, tmp_path, tiny_llama_dir):
+    from conftest import make_llama, make_tokenizer
+
+    from lorank.api import inspect, shrink
+
+    data, full, _ = planted
+    with pytest.raises(LorankError, match="no such adapter directory"):
+        inspect(tmp_path / "missing", data=str(data))
+    with pytest.raises(LorankError, match="above the adapter's own rank 8"):
+        shrink(full, tmp_path / "out", rank=16, data=str(data))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LorankError, match="not writable"):
+        shrink(full, tmp_path / "a-file" / "out", rank=2, data=str(data))
+    with pytest.raises(LorankError, match="cannot write"):
+        shrink(full, tmp_path / "a-file" / "out", rank=2)
+    with pytest.raises(LorankError, match="is the adapter itself"):
+        shrink(full, full, rank=2)
+    with pytest.raises(LorankError, match="--model is used with --data"):
+        inspect(full, model=str(tiny_llama_dir))
+    wider = tmp_path / "wider"  # another base model: the adapter's shapes do not fit it
+    make_llama(hidden=48).save_pretrained(wider)
+    make_tokenizer().save_pretrained(wider)
+    with pytest.raises(LorankError, match="does not fit model"):
+        inspect(full, data=str(data), model=str(wider))
+    cfg = json.loads((full / "adapter_config.json").read_text())
+    moved = cfg | {"base_model_name_or_path": str(tmp_path / "gone")}
+    (full / "adapter_config.json").write_text(json.dumps(moved))
+    with pytest.raises(LorankError, match="not on this machine; pass --model"):
+        inspect(full, data=str(data))
+    report = inspect(full, data=str(data), model=str(tiny_llama_dir), progress=False)
+    assert report.losses.ranks == [1, 2, 4, 8]
+
+
+def test_cli_inspect_and_shrink_with_data(monkeypatch, capsys, planted, tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    data, full, two = planted
+    code, out, err = run(monkeypatch, capsys, "inspect", str(two), "--data", str(data),
+                         "--quiet")
+    assert code == 0, err
+    assert "validation loss per truncated rank" in out and "could be smaller" in out
+    code, out, err = run(monkeypatch, capsys, "shrink", str(full), "--rank", "8", "--out",
+                         str(tmp_path / "same"), "--data", str(data), "--quiet")
+    assert code == 0, err
+    assert "change +0.0000" in out or "change -0.0000" in out
+    assert "within tolerance" in out
+    code, _, err = run(monkeypatch, capsys, "inspect", str(full), "--data",
+                       str(tmp_path / "no-data.jsonl"))
+    assert_one_line_error(code, err, "no-data.jsonl")

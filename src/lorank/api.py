@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from lorank.models import LoadedModel, load_model, model_fingerprint
 from lorank.planned_run import PlannedRun, step_seconds
 from lorank.targets import TargetSet, resolve_targets
 from lorank.util import KEPT_DIR, Kept, atomic_write_text, output_dir_guard
+
+if TYPE_CHECKING:
+    from lorank.adapter_loss import AdapterReport
 
 # the calibrated capacity estimate decides by default; the gradient spectrum (`analyze`, or
 # estimators=("capacity", "gradient")) is reported beside it only when asked: its count has not
@@ -699,3 +702,94 @@ def sweep(model: str | LoadedModel, data: str | Path, *, ranks: list[int], lrs: 
         result.data_notes = prepared.notes
         return result
 
+
+
+def _adapter_on_model(adapter: str | Path, data: str | Path, *, model: str | None,
+                      fmt: str | None, val_data: str | Path | None, max_length: int,
+                      batch_size: int, seed: int, dtype: str, device: str,
+                      trust_remote_code: bool, offline: bool
+                      ) -> tuple[LoadedModel, data_mod.PreparedData, torch.nn.Module]:
+    """(loaded model, prepared data, the model with the adapter on it) for `inspect` and
+    `shrink` with data: the base model is `model` or the adapter's own, the validation split
+    is `recommend`'s (its seeded split, or `val_data`)."""
+    from lorank.adapter_loss import attach_adapter, base_model_of
+
+    for name, value in (("batch-size", batch_size), ("max-length", max_length)):
+        if value < 1:
+            raise LorankError(f"--{name} {value}: must be at least 1")
+    loaded, prepared = prepare_inputs(base_model_of(adapter, model), data, fmt=fmt,
+                                      val_data=val_data, max_length=max_length, seed=seed,
+                                      dtype=dtype, device=device,
+                                      trust_remote_code=trust_remote_code, offline=offline)
+    return loaded, prepared, attach_adapter(loaded, adapter)
+
+
+def _data_options_need_data(data: str | Path | None, model: str | None,
+                            val_data: str | Path | None) -> None:
+    if data is None and (model is not None or val_data is not None):
+        raise LorankError(f"--{'model' if model is not None else 'val-data'} is used with "
+                          "--data (the validation loss); give --data too")
+
+
+def inspect(adapter: str | Path, *, tol: float = 0.1, data: str | Path | None = None,
+            model: str | None = None, fmt: str | None = None,
+            val_data: str | Path | None = None, max_length: int = 512, batch_size: int = 8,
+            seed: int = 0, dtype: str = "float32", device: str = "cpu",
+            trust_remote_code: bool = False, offline: bool = False,
+            progress: bool = True) -> AdapterReport:
+    """How much of its rank a trained PEFT LoRA adapter uses (`lorank inspect`).
+
+    Always: per layer, from the saved factors, the effective rank and the rank that keeps the
+    update within `tol` relative error, and a verdict. With `data`: the adapter on its base
+    model (`model`, else its `base_model_name_or_path`), the validation loss truncated to each
+    candidate rank (powers of two below its rank, then its rank) on `recommend`'s validation
+    split, and whether it could be smaller or is saturated (`lorank.adapter_loss`). Returns an
+    `AdapterReport`; bad input is one LorankError."""
+    from lorank.adapter_loss import AdapterReport, loss_verdict, rank_losses
+    from lorank.adapters import inspect_adapter, verdict
+
+    layers = inspect_adapter(adapter)
+    report = AdapterReport(layers, verdict(layers, tol))
+    _data_options_need_data(data, model, val_data)
+    if data is None:
+        return report
+    loaded, prepared, peft_model = _adapter_on_model(
+        adapter, data, model=model, fmt=fmt, val_data=val_data, max_length=max_length,
+        batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, offline=offline)
+    report.losses = rank_losses(peft_model, prepared.val, pad_token_id=loaded.pad_token_id,
+                                batch_size=batch_size, progress=progress)
+    report.loss_verdict = loss_verdict(report.losses, layers, tol)
+    report.model, report.notes = loaded.source, list(prepared.notes)
+    return report
+
+
+def shrink(adapter: str | Path, out: str | Path, *, rank: int | None = None,
+           tol: float | None = None, data: str | Path | None = None, model: str | None = None,
+           fmt: str | None = None, val_data: str | Path | None = None, max_length: int = 512,
+           batch_size: int = 8, seed: int = 0, dtype: str = "float32", device: str = "cpu",
+           trust_remote_code: bool = False, offline: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """Write a smaller adapter to `out` (`lorank shrink`; exactly one of `rank`, `tol`) and
+    return `adapters.shrink_adapter`'s summary. With `data` (the model and split as in
+    `inspect`) the summary's "loss" holds the validation loss of the original and of the
+    written adapter, as PEFT loads it, and the change with its paired SE and tolerance; the
+    model and data are checked before anything is written. Bad input is one LorankError."""
+    from lorank.adapter_loss import shrunk_loss_change
+    from lorank.adapters import check_shrink, shrink_adapter
+
+    check_shrink(adapter, out, rank=rank, tol=tol)
+    _data_options_need_data(data, model, val_data)
+    if data is None:
+        return shrink_adapter(adapter, out, rank=rank, tol=tol)
+    ensure_writable(Path(out))
+    loaded, prepared, peft_model = _adapter_on_model(
+        adapter, data, model=model, fmt=fmt, val_data=val_data, max_length=max_length,
+        batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, offline=offline)
+    summary = shrink_adapter(adapter, out, rank=rank, tol=tol)
+    summary["loss"] = shrunk_loss_change(peft_model, out, prepared.val,
+                                         pad_token_id=loaded.pad_token_id,
+                                         batch_size=batch_size, progress=progress)
+    summary["model"], summary["notes"] = loaded.source, list(prepared.notes)
+    return summary

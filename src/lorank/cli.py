@@ -30,9 +30,9 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-ModelOpt = typer.Option(..., "--model", "-m", help="HF directory, hub id (org/name: "
-                        "downloaded when not cached), .gguf file, or alias: smollm2-135m, "
-                        "minilm-l6")
+MODEL_HELP = ("HF directory, hub id (org/name: downloaded when not cached), .gguf file, or "
+              "alias: smollm2-135m, minilm-l6")
+ModelOpt = typer.Option(..., "--model", "-m", help=MODEL_HELP)
 CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "
                         "into halves A and B)")
 BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
@@ -42,11 +42,28 @@ EpochsOpt = typer.Option(None, help="the planned run: passes over the training d
                          "--steps) [3, the Trainer's default]")
 StepsOpt = typer.Option(None, min=1, help="the planned run: optimizer steps, instead of --epochs")
 RemoteCodeOpt = typer.Option(False, help="allow the model's own code to run (off by default)")
-DataOpt = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet, a directory of "
-                       "them (train-*/test-* files: splits), a `save_to_disk` folder, or a "
-                       "`datasets` name")
+DATA_HELP = (".jsonl/.json/.csv/.parquet, a directory of them (train-*/test-* files: splits), "
+             "a `save_to_disk` folder, or a `datasets` name")
+DataOpt = typer.Option(..., "--data", "-d", help=DATA_HELP)
 OfflineOpt = typer.Option(False, help="read hub models and datasets from the local cache only "
                           "(as HF_HUB_OFFLINE=1): never download")
+
+
+# `inspect --data` and `shrink --data`: the validation loss of a trained adapter, measured with
+# recommend's model and data options (same names, same meanings, same validation split)
+AdapterModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [the adapter's "
+                               "base_model_name_or_path]")
+AdapterDataOpt = typer.Option(None, "--data", "-d", help="with it, the validation loss of the "
+                              "adapter (as in `recommend`: " + DATA_HELP + ")")
+FormatOpt = typer.Option(None, "--format", help="as in `recommend`")
+ValDataOpt = typer.Option(None, help="validation data (default: the seeded split `recommend` "
+                          "makes)")
+MaxLengthOpt = typer.Option(512, min=1, help="truncate examples to this many tokens")
+EvalBatchOpt = typer.Option(8, min=1, help="batch size of the evaluation")
+SplitSeedOpt = typer.Option(0, help="seed of the validation split (as in `recommend`)")
+DtypeOpt = typer.Option("float32", help="float32, bfloat16, float16, auto")
+DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, auto")
+QuietOpt = typer.Option(False, help="no progress bars")
 
 
 @app.command()
@@ -406,24 +423,54 @@ def inspect(
     adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (safetensors)"),
     tol: float = typer.Option(0.1, min=0.0, max=1.0, help="relative error a truncation may "
                               "make; the per-layer rank that keeps within it is shown"),
+    data: str = AdapterDataOpt,
+    model: str = AdapterModelOpt,
+    fmt: str = FormatOpt,
+    val_data: str = ValDataOpt,
+    max_length: int = MaxLengthOpt,
+    batch_size: int = EvalBatchOpt,
+    seed: int = SplitSeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    trust_remote_code: bool = RemoteCodeOpt,
+    offline: bool = OfflineOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """How much of its rank a trained adapter uses, per layer.
 
-    No model is loaded.
+    No model is loaded; with --data, its validation loss truncated to each candidate rank.
     """
     from rich.table import Table
 
-    from lorank.adapters import inspect_adapter, verdict
+    from lorank.api import inspect as api_inspect
 
-    layers = inspect_adapter(adapter)
+    report = api_inspect(adapter, tol=tol, data=data, model=model, fmt=fmt, val_data=val_data,
+                         max_length=max_length, batch_size=batch_size, seed=seed, dtype=dtype,
+                         device=device, trust_remote_code=trust_remote_code, offline=offline,
+                         progress=not quiet)
     table = Table(title=f"{adapter}: rank use per layer", header_style="bold")
     for col in ("layer", "rank", "effective", f"rank for {tol:g}", "top-1 energy"):
         table.add_column(col, justify="left" if col == "layer" else "right")
-    for lay in layers:
+    for lay in report.layers:
         table.add_row(Text(lay.name), str(lay.rank), f"{lay.effective_rank:.1f}",
                       str(lay.rank_for(tol)), f"{lay.energy[min(lay.energy)]:.0%}")
     console.print(table)
-    say(verdict(layers, tol))
+    say(report.verdict)
+    curve = report.losses
+    if curve is None:
+        return
+    for note in report.notes:
+        say(note)
+    table = Table(title=f"validation loss per truncated rank ({report.model}, "
+                  f"{curve.n_examples} examples)", header_style="bold")
+    for col in ("rank", "val loss", "vs best", "± paired se", "within tol"):
+        table.add_column(col, justify="right")
+    best = curve.loss[curve.best_rank]
+    for r in curve.ranks:
+        table.add_row(str(r), f"{curve.loss[r]:.4f}", f"{curve.loss[r] - best:+.4f}",
+                      f"{curve.se[r]:.4f}", "yes" if curve.within(r) else "no")
+    console.print(table)
+    say(report.loss_verdict or "")
 
 
 @app.command()
@@ -433,19 +480,44 @@ def shrink(
     rank: int = typer.Option(None, min=1, help="one rank for every layer"),
     tol: float = typer.Option(None, help="per-layer ranks: each keeps its update within this "
                               "relative (Frobenius) error; written as rank_pattern"),
+    data: str = AdapterDataOpt,
+    model: str = AdapterModelOpt,
+    fmt: str = FormatOpt,
+    val_data: str = ValDataOpt,
+    max_length: int = MaxLengthOpt,
+    batch_size: int = EvalBatchOpt,
+    seed: int = SplitSeedOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    trust_remote_code: bool = RemoteCodeOpt,
+    offline: bool = OfflineOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Shrink a trained adapter by an exact SVD re-factorization.
 
-    The smaller adapter loads in PEFT.
+    The smaller adapter loads in PEFT; with --data, the validation loss change it makes.
     """
-    from lorank.adapters import shrink_adapter
+    from lorank.api import shrink as api_shrink
 
-    summary = shrink_adapter(adapter, out, rank=rank, tol=tol)
+    summary = api_shrink(adapter, out, rank=rank, tol=tol, data=data, model=model, fmt=fmt,
+                         val_data=val_data, max_length=max_length, batch_size=batch_size,
+                         seed=seed, dtype=dtype, device=device,
+                         trust_remote_code=trust_remote_code, offline=offline,
+                         progress=not quiet)
     say(f"wrote {out}: rank {summary['rank']}"
         + (f" with {len(summary['rank_pattern'])} per-layer ranks" if summary["rank_pattern"]
            else "")
         + f", {summary['params_after']:,} parameters (was {summary['params_before']:,}), "
           f"largest relative error {summary['max_relative_error']:.2e}")
+    loss = summary.get("loss")
+    if loss is None:
+        return
+    for note in summary["notes"]:
+        say(note)
+    verdict = "within" if loss["within_tolerance"] else "outside"
+    say(f"validation loss ({summary['model']}, {loss['n_examples']} examples): "
+        f"{loss['loss_before']:.4f} -> {loss['loss_after']:.4f}, change "
+        f"{loss['change']:+.4f} ± {loss['se']:.4f}, {verdict} tolerance {loss['tol']:.4f}")
 
 
 INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"
