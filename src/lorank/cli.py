@@ -438,7 +438,8 @@ def inspect(
 ) -> None:
     """How much of its rank a trained adapter uses, per layer.
 
-    No model is loaded; with --data, its validation loss truncated to each candidate rank.
+    Without --data no model is loaded; with it, the validation loss truncated to each
+    candidate rank.
     """
     from rich.table import Table
 
