@@ -21,6 +21,7 @@ from lorank.frameworks import (
     measured_learning_rate,
     torchtune_modules,
 )
+from lorank.planned_run import lr_slope
 from lorank.targets import resolve_targets
 
 RANKS = [1, 2, 4, 8]
@@ -99,6 +100,20 @@ def test_probe_gives_the_lr_its_pilot_chose(tiny_llama):
     rec = decide([probe], resolve_targets(tiny_llama), ranks=RANKS)
     lr, source = measured_learning_rate(rec)
     assert lr == 4e-3 and "pilot" in source
+
+
+def test_a_pilot_lr_from_another_rank_moves_by_the_benchmark_slope(tiny_llama):
+    """The pilot found 4e-3 best at rank 8; the pick is rank 2: under rsLoRA the best lr is
+    higher at lower rank, by (2/8)^slope."""
+    probe = Evidence("svd-probe", "curve", 2,
+                     curve={r: {"loss": 1.0 + (0.3 if r < 2 else 0.0), "se": 0.01} for r in RANKS},
+                     details={"learning_rate": 4e-3,
+                              "lr_pilot": {"learning_rate": 4e-3, "rank": 8}})
+    rec = decide([probe], resolve_targets(tiny_llama), ranks=RANKS)
+    assert rec.rank == 2
+    lr, source = measured_learning_rate(rec)
+    assert lr == pytest.approx(4e-3 * (2 / 8) ** lr_slope()) and lr > 4e-3
+    assert "rank 8" in source and "moved to rank 2" in source
 
 
 def test_estimates_measure_no_lr_and_every_config_says_so(per_layer):

@@ -42,6 +42,7 @@ from typing import Any
 
 from lorank.decide import CURVE_TRUST, Recommendation
 from lorank.errors import LorankError
+from lorank.planned_run import lr_at_rank, lr_slope
 
 # ---------------------------------------------------------------------------------------------
 # what every framework's config shares
@@ -55,7 +56,10 @@ def measured_learning_rate(rec: Recommendation) -> tuple[float | None, str]:
     a sweep gives its best learning rate at the recommended rank (`details["best_lr"]`, or at
     its own pick when the recommended rank was not swept), a probe the learning rate it trained
     at (`details["learning_rate"]`, chosen by its pilot when `details["lr_pilot"]` is present).
-    Estimates and ceilings measure no learning rate.
+    A best learning rate measured at another rank than the recommended one (the sweep's pick,
+    the pilot's rank) is moved to it by the benchmark's lr-by-rank slope (`planned_run.lr_at_rank`:
+    under rsLoRA the best lr falls with rank); a learning rate given to a probe without a pilot is
+    not a measured best and is passed on as it is. Estimates and ceilings measure no learning rate.
     """
     curves = [e for e in rec.evidence
               if e.get("kind") == "curve" and e.get("suggested_rank") is not None]
@@ -74,8 +78,9 @@ def measured_learning_rate(rec: Recommendation) -> tuple[float | None, str]:
             if rec.rank in best and best[rec.rank] > 0:
                 return best[rec.rank], f"the sweep's best learning rate at rank {rec.rank}"
             if pick in best and best[pick] > 0:
-                return best[pick], (f"the sweep's best learning rate at its pick, rank {pick} "
-                                    f"(rank {rec.rank} was not swept)")
+                return lr_at_rank(best[pick], pick, rec.rank), (
+                    f"the sweep's best learning rate at its pick, rank {pick} (rank {rec.rank} "
+                    f"was not swept){_moved(best[pick], pick, rec.rank)}")
             return None, "no learning rate measured (the sweep recorded none at this rank)"
         lr = details.get("learning_rate") or (details.get("config") or {}).get("learning_rate")
         lr = float(lr) if lr is not None else None
@@ -83,8 +88,20 @@ def measured_learning_rate(rec: Recommendation) -> tuple[float | None, str]:
         return None, f"no learning rate measured ({name}'s record of it is unreadable)"
     if lr is None or not math.isfinite(lr) or lr <= 0:
         return None, f"no learning rate measured ({name} recorded none)"
-    how = "chosen by its learning-rate pilot" if details.get("lr_pilot") else "as given to it"
-    return lr, f"the learning rate the {name} measured the rank at ({how})"
+    pilot = details.get("lr_pilot") or {}
+    if not pilot:
+        return lr, f"the learning rate the {name} measured the rank at (as given to it)"
+    at = int(pilot.get("rank") or rec.rank)
+    return lr_at_rank(lr, at, rec.rank), (f"the {name}'s learning-rate pilot found {lr:g} best "
+                                          f"at rank {at}{_moved(lr, at, rec.rank)}")
+
+
+def _moved(lr: float, at: int, rank: int) -> str:
+    """How a best lr measured at rank `at` was moved to `rank` (nothing when they agree)."""
+    if at == rank:
+        return ""
+    return (f"; moved to rank {rank} as {lr:g} x ({rank}/{at})^{lr_slope():g} (the best lr's "
+            "slope over rank in the benchmark's sweeps, under rsLoRA)")
 
 
 def base_model(rec: Recommendation) -> str | None:
