@@ -104,8 +104,12 @@ def interrupt(ctx, tmp: Path, name: str, argv: list[str], sig: int, **env: str) 
 
 
 def recommendation(out: Path) -> dict:
+    """recommendation.json with each evidence entry whole again (bulky parts live in
+    evidence/<name>.json) and without the list of reused measurements."""
     rec = json.loads((out / "recommendation.json").read_text())
     rec["inputs"].pop("reused")
+    rec["evidence"] = [json.loads((out / e["evidence_file"]).read_text()) if "evidence_file" in e
+                       else e for e in rec["evidence"]]
     return rec
 
 
