@@ -144,8 +144,9 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
                 f"{other.name} says rank {other.suggested_rank}: reported, not used for the "
                 f"rank ({chosen.name} is calibrated on the benchmark's sweeps, "
                 f"{other.name} is not)" + ("; its per-layer ranks are in its evidence, and no "
-                                           "rank_pattern is written: lorank has not yet shown "
-                                           "one to beat a uniform rank" if other.rank_pattern
+                                           "rank_pattern is written: on the benchmark no "
+                                           "per-layer pattern beat the uniform rank of equal "
+                                           "parameters" if other.rank_pattern
                                            else ""))
     elif ceiling is not None:
         rank = snap_up(ceiling, ranks)
