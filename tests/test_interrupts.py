@@ -170,7 +170,7 @@ def test_sigterm_during_probe_keeps_the_pilot_and_the_curve(forkserver, tiny_lla
     trained again, the probe ends as an uninterrupted one does, and a third run reuses the
     finished probe's curve without training at all."""
     def argv(out: Path) -> list[str]:
-        return ["probe", "-m", str(tiny_llama_dir), "-d", str(pc_data), "--max-rank", "4",
+        return ["probe", "-m", str(tiny_llama_dir), "-d", str(pc_data), "--probe-rank", "4",
                 "--budget", "8", "--lr", "2e-3,1e-3", "--max-length", "64", "--quiet",
                 "--out", str(out)]
 

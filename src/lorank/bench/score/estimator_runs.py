@@ -35,7 +35,7 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
         if name not in BENCH_ESTIMATORS:
             raise LorankError(f"--run {name}: unknown; known: {', '.join(BENCH_ESTIMATORS)}")
         estimator, method = BENCH_ESTIMATORS[name]
-        probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]),
+        probe = {"budget": str(info["steps"]), "probe_rank": max(info["ranks"]),
                  "lr": list(info["lrs"]),
                  "batch_size": info["batch_size"], "probe_method": method} if method else {}
         if name == "capacity":  # the task's recipe is the planned run
