@@ -38,6 +38,7 @@ import lorank.estimators.gradient as gradient  # noqa: E402
 import lorank.estimators.probe.nested as nested  # noqa: E402
 import lorank.estimators.probe.pilot as pilot  # noqa: E402
 import lorank.sweep as sweep  # noqa: E402
+import lorank.sweep.trial_run as trial_run  # noqa: E402
 import lorank.train as train  # noqa: E402
 from lorank.cli import main  # noqa: E402
 
@@ -91,7 +92,7 @@ def run(argv: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
     torch.set_num_threads(1)
-    for module in (train, pilot, nested, sweep):
+    for module in (train, pilot, nested, sweep, trial_run):  # where train_lora is looked up
         module.train_lora = _paced_train_lora
     gradient.gradient_spectrum = _paced_gradient_spectrum
     sys.argv = ["lorank", *argv]

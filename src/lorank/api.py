@@ -74,8 +74,10 @@ def recommend(model: str | LoadedModel, data: str | Path, *, targets: str = "all
     The planned run (`epochs` or `steps`, `batch_size`, `lr`; neither length given means
     DEFAULT_EPOCHS) is an input of the estimates and is recorded in `inputs["planned_run"]`.
     `estimators` picks the evidence to gather (cheapest first); a `budget` (training steps,
-    or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one).
-    `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
+    or minutes as "10m") adds the one-run probe, trained at `lr` (several: a pilot picks one)
+    and at rank `probe_rank`; `max_rank` is the largest candidate rank, `gradient_max_rank`
+    the largest the gradient spectrum reads per layer. Keywords are the CLI's option names
+    (`format` is `--format`, `progress=False` is `--quiet`). `sweep` (a `lorank sweep --out` directory run on this data) adds its measured curve, which
     decides. `rank` forces a rank and only checks it against the targets (the evidence is
     still reported). A hub model id or `datasets` name downloads into the Hugging Face cache
     when missing; `offline` (or HF_HUB_OFFLINE) reads the cache only. With `out`, the files of

@@ -24,7 +24,7 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
 
     capacity and gradient train nothing; the probe trains one run at the task's largest rank
     with the task's steps and batch, at the lr of the task's grid that its pilot picks (a
-    quarter of the schedule per lr, charged to the probe's cost: see `lorank.api.run_probe`).
+    quarter of the schedule per lr, charged to the probe's cost: see `lorank.runs.probe.run_probe`).
     """
     from lorank.api import recommend
 
