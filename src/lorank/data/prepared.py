@@ -19,9 +19,6 @@ from lorank.data.formats import (
 from lorank.data.reading import Records, read_records
 from lorank.errors import LorankError
 
-# ---------------------------------------------------------------------------------------------
-# the prepared dataset
-
 
 @dataclass
 class PreparedData:

@@ -14,9 +14,6 @@ from lorank.data.batching import collate, supervised_tokens
 from lorank.data.formats import IGNORE_INDEX
 from lorank.data.prepared import PreparedData
 
-# ---------------------------------------------------------------------------------------------
-# profile
-
 
 @dataclass
 class DataProfile:

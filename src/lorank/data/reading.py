@@ -13,9 +13,6 @@ from lorank.errors import LorankError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
-# ---------------------------------------------------------------------------------------------
-# loading
-
 # split names as `datasets` and the Hub write them: the training split, then the one that
 # becomes the validation set, in order of preference (matched without regard to case)
 TRAIN_SPLITS = ("train", "training")
