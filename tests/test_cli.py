@@ -88,12 +88,12 @@ def test_generation_data_on_a_classifier_says_what_data_it_needs(monkeypatch, ca
 
 
 def test_one_label_fails_before_the_model_loads(monkeypatch, capsys, model_dir, tmp_path):
-    import lorank.api
+    import lorank.runs.inputs
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before the labels were checked")
 
-    monkeypatch.setattr(lorank.api, "load_model", must_not_load)
+    monkeypatch.setattr(lorank.runs.inputs, "load_model", must_not_load)  # looked up there
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "label": 1} for i in range(6)])
     code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(data),
                        "--out", str(tmp_path / "o"), "--quiet")
@@ -171,20 +171,20 @@ def test_analyze_bad_calib(monkeypatch, capsys, model_dir, pc_data, tmp_path):
 
 def test_analyze_bad_replay_mb(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
-                       "--replay-mb", "-1", "--out", str(tmp_path / "o"), "--quiet")
-    assert_one_line_error(code, err, "--replay-mb -1.0: expected a size in MiB >= 0")
+                       "--gradient-replay-mb", "-1", "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(code, err, "--gradient-replay-mb -1.0: expected a size in MiB >= 0")
 
 
 def test_analyze_max_rank_above_layer(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, _, err = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
-                       "--max-rank", "32", "--out", str(tmp_path / "o"), "--quiet")
+                       "--gradient-max-rank", "32", "--out", str(tmp_path / "o"), "--quiet")
     assert_one_line_error(code, err, r"rank 32 exceeds min\(d_in, d_out\) = 16")
 
 
 def test_analyze_writes_layer_table(monkeypatch, capsys, model_dir, pc_data, tmp_path):
     code, out, _ = run(monkeypatch, capsys, "analyze", "-m", model_dir, "-d", str(pc_data),
-                       "--max-length", "48", "--max-rank", "8", "--out", str(tmp_path / "o"),
-                       "--replay-mb", "0", "--quiet")
+                       "--max-length", "48", "--gradient-max-rank", "8", "--out", str(tmp_path / "o"),
+                       "--gradient-replay-mb", "0", "--quiet")
     assert code == 0 and "gradient" in out
     rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
     settings = next(e for e in rec["evidence"] if e["name"] == "gradient")["details"]["settings"]
@@ -248,7 +248,7 @@ def test_bad_sweep_numbers_fail_before_anything_loads(monkeypatch, capsys, model
 def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_dir, pc_data,
                                                      tmp_path):
     code, out, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
-                       "--max-length", "48", "--max-rank", "4", "--budget", "8",
+                       "--max-length", "48", "--probe-rank", "4", "--budget", "8",
                        "--lr", "1e-2,1e-3", "--out", str(tmp_path / "o"), "--quiet")
     assert code == 0
     rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())
@@ -266,7 +266,7 @@ def test_probe_with_several_lrs_runs_the_pilot_first(monkeypatch, capsys, model_
 def test_probe_curve_ends_at_a_max_rank_off_the_powers_of_two(monkeypatch, capsys, model_dir,
                                                               pc_data, tmp_path, method):
     code, _, _ = run(monkeypatch, capsys, "probe", "-m", model_dir, "-d", str(pc_data),
-                     "--max-length", "48", "--max-rank", "6", "--budget", "4",
+                     "--max-length", "48", "--probe-rank", "6", "--budget", "4",
                      "--probe-method", method, "--out", str(tmp_path / "o"), "--quiet")
     assert code == 0
     rec = json.loads((tmp_path / "o" / "recommendation.json").read_text())

@@ -40,6 +40,13 @@ def long_options(cmd) -> list[str]:
     return opts
 
 
+def off_switches(cmd) -> dict[str, str]:
+    """A flag's positive name -> its negative one (`--progress` -> `--quiet`): an example of
+    either shows the flag."""
+    return {on: off for param in cmd.params if isinstance(param, TyperOption)
+            for on in param.opts[:1] for off in param.secondary_opts[:1]}
+
+
 def reference_section() -> str:
     return CLI_DOC.read_text(encoding="utf-8")
 
@@ -84,7 +91,8 @@ def test_every_option_has_an_example():
         used.setdefault(name, set()).update(used_options(args))
     without_example = sorted(set(commands()) - set(used))
     missing = [f"{name} {opt}" for name, cmd in commands().items()
-               for opt in long_options(cmd) if opt not in used.get(name, set())]
+               for opt in long_options(cmd) if opt not in used.get(name, set())
+               and off_switches(cmd).get(opt) not in used.get(name, set())]
     assert not without_example, f"commands with no example in {SECTION}: {without_example}"
     assert not missing, f"options with no example in {SECTION}: {missing}"
 

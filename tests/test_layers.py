@@ -15,10 +15,14 @@ PACKAGE = SRC / "lorank"
 
 # Lowest first. A name covers its submodules (`lorank.estimators` holds every estimator), except
 # `lorank`, which names only the package's own __init__. The parts of a package split into
-# modules (train, sweep, bench.tasks, bench.score) have layers of their own, in the order they
+# modules (data, train, sweep, runs, bench.tasks, bench.score) have layers of their own, in the order they
 # are read, below the package's name, which then stands for its __init__ (the re-exports).
 LAYERS: list[tuple[str, ...]] = [
     ("lorank.util", "lorank.errors", "lorank.hub"),
+    ("lorank.data.formats",),
+    ("lorank.data.reading",),
+    ("lorank.data.prepared", "lorank.data.batching"),
+    ("lorank.data.profiling",),
     ("lorank.data", "lorank.models", "lorank.targets", "lorank.planned_run", "lorank.losses",
      "lorank.heads", "lorank.hooks", "lorank.plots"),
     ("lorank.train.recipe", "lorank.train.evaluation", "lorank.train.checkpoints"),
@@ -35,6 +39,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("lorank.sweep", "lorank.decide"),
     ("lorank.export", "lorank.frameworks", "lorank.report", "lorank.summary",
      "lorank.html_report"),
+    ("lorank.runs.inputs",),
+    ("lorank.runs.gradient", "lorank.runs.probe"),
+    ("lorank.runs.estimate",),
+    ("lorank.runs",),
     ("lorank.api", "lorank"),  # `lorank` itself: the verbs, loaded lazily from api
     ("lorank.bench.tasks.source_text",),
     ("lorank.bench.tasks.wordnet", "lorank.bench.tasks.acronyms", "lorank.bench.tasks.man_pages",
@@ -47,6 +55,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("lorank.bench.score.tables",),
     ("lorank.bench.score.run",),
     ("lorank.demo", "lorank.bench"),
+    ("lorank.cli_options",),
+    ("lorank.cli_output", "lorank.cli_exit"),
     ("lorank.cli",),
 ]
 BENCH_USERS = ("lorank.cli", "lorank.bench")

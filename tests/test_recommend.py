@@ -122,7 +122,7 @@ def test_format_does_not_fit_model(tiny_llama_dir, cls_data):
 
 def test_recommend_with_budget_adds_probe_curve(tiny_llama_dir, pc_data, tmp_path):
     out = tmp_path / "probe"
-    rec = api.recommend(str(tiny_llama_dir), pc_data, budget="6", probe_max_rank=4,
+    rec = api.recommend(str(tiny_llama_dir), pc_data, budget="6", probe_rank=4,
                         max_length=64, out=out, progress=False)
     names = [e["name"] for e in rec.evidence]
     assert names == ["capacity", "svd-probe"]

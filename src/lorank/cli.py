@@ -1,69 +1,57 @@
-"""The `lorank` command: a thin typer layer over the Python API (same verbs, same options)."""
+"""The `lorank` command: a thin typer layer over the Python API (same verbs, same options).
+
+Each command calls the API function of its own name with the same keywords (checked by
+tests/test_option_names.py); shared options live in `lorank.cli_options`, what is printed
+after the call in `lorank.cli_output`."""
 
 from __future__ import annotations
 
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import NoReturn
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
+from lorank.cli_exit import run_app
+from lorank.cli_options import (
+    AdapterArg,
+    AdapterDataOpt,
+    AdapterModelOpt,
+    AdapterValDataOpt,
+    CalibOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EpochsOpt,
+    EvalBatchOpt,
+    FormatOpt,
+    LrOpt,
+    MaxLengthOpt,
+    ModelOpt,
+    OfflineOpt,
+    ProbeMethodOpt,
+    ProbeRankOpt,
+    ProgressOpt,
+    RemoteCodeOpt,
+    SeedOpt,
+    SplitSeedOpt,
+    StepsOpt,
+    TargetsOpt,
+    ValDataOpt,
+    console,
+    err_console,
+    parse_lrs,
+    say,
+)
 from lorank.errors import LorankError
+
+__all__ = ["app", "main", "console", "err_console", "say"]
 
 # rich_markup_mode=None: click's plain help, each option's text wrapped beside it, reads well
 # at 80 columns (rich's option table squeezed the help into a narrow column)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="Which LoRA rank? Measure the model and the data, then recommend.")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def say(text: str) -> None:
-    """One plain line: paths and names are printed as they are, never read as rich markup
-    (an output directory named "out[bold]" printed as "out")."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-MODEL_HELP = ("HF directory, hub id (org/name: downloaded when not cached), .gguf file, or "
-              "alias: smollm2-135m, minilm-l6")
-ModelOpt = typer.Option(..., "--model", "-m", help=MODEL_HELP)
-CalibOpt = typer.Option(256, help="calibration examples for the gradient spectrum (split "
-                        "into halves A and B)")
-BUDGET_METHOD = typer.Option("svd", "--probe-method", "--method",
-                             help="svd: one plain adapter read by SVD truncation; nested: "
-                             "nested-dropout training (DyLoRA)")
-EpochsOpt = typer.Option(None, help="the planned run: passes over the training data (or "
-                         "--steps) [3, the Trainer's default]")
-StepsOpt = typer.Option(None, min=1, help="the planned run: optimizer steps, instead of --epochs")
-RemoteCodeOpt = typer.Option(False, help="allow the model's own code to run (off by default)")
-DATA_HELP = (".jsonl/.json/.csv/.parquet, a directory of them (train-*/test-* files: splits), "
-             "a `save_to_disk` folder, or a `datasets` name")
-DataOpt = typer.Option(..., "--data", "-d", help=DATA_HELP)
-OfflineOpt = typer.Option(False, help="read hub models and datasets from the local cache only "
-                          "(as HF_HUB_OFFLINE=1): never download")
-
-
-# `inspect --data` and `shrink --data`: the validation loss of a trained adapter, measured with
-# recommend's model and data options (same names, same meanings, same validation split)
-AdapterModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [the adapter's "
-                               "base_model_name_or_path]")
-AdapterDataOpt = typer.Option(None, "--data", "-d", help="with it, the validation loss of the "
-                              "adapter (as in `recommend`: " + DATA_HELP + ")")
-FormatOpt = typer.Option(None, "--format", help="as in `recommend`")
-ValDataOpt = typer.Option(None, help="validation data (default: the seeded split `recommend` "
-                          "makes)")
-MaxLengthOpt = typer.Option(512, min=1, help="truncate examples to this many tokens")
-EvalBatchOpt = typer.Option(8, min=1, help="batch size of the evaluation")
-SplitSeedOpt = typer.Option(0, help="seed of the validation split (as in `recommend`)")
-DtypeOpt = typer.Option("float32", help="float32, bfloat16, float16, auto")
-DeviceOpt = typer.Option("cpu", help="cpu, cuda, cuda:N, auto")
-QuietOpt = typer.Option(False, help="no progress bars")
 
 
 @app.command()
@@ -72,10 +60,10 @@ def recommend(
     data: str = DataOpt,
     targets: str = typer.Option("all-linear", help="all-linear, attention, mlp, names "
                                 "(q_proj,v_proj) or re:REGEX"),
-    fmt: str = typer.Option(None, "--format", help="text, prompt-completion, alpaca, chat, "
-                            "classification (default: detected from the columns)"),
+    format: str = typer.Option(None, "--format", help="text, prompt-completion, alpaca, chat, "
+                               "classification (default: detected from the columns)"),
     val_data: str = typer.Option(None, help="validation data (default: split 10% off, ≤256)"),
-    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    max_length: int = MaxLengthOpt,
     rank: int = typer.Option(None, min=1, help="force this rank (checked against the targets)"),
     max_rank: int = typer.Option(256, min=1, help="largest candidate rank"),
     batch_size: int = typer.Option(8, min=1, help="the planned run's batch size (also of the "
@@ -84,43 +72,48 @@ def recommend(
     steps: int = StepsOpt,
     seed: int = typer.Option(0, help="seed: same seed, same inputs -> same recommendation"),
     out: Path = typer.Option(Path("lorank-out"), help="output directory"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     budget: str = typer.Option(None, help="add the one-run probe with this budget: training "
                                "steps (200) or minutes (10m)"),
-    probe_method: str = BUDGET_METHOD,
-    probe_max_rank: int = typer.Option(64, min=1, help="rank the probe trains at (reads all below)"),
-    lr: str = typer.Option("1e-3", help="learning rate of the probe run; several "
-                           "(2e-3,8e-3): a short pilot at the middle rank picks one"),
+    probe_method: str = ProbeMethodOpt,
+    probe_rank: int = ProbeRankOpt,
+    lr: str = LrOpt,
     calib: int = CalibOpt,
     sweep: Path = typer.Option(None, help="a `lorank sweep --out` directory on this data: its "
                                "measured rank–loss curve decides"),
     offline: bool = OfflineOpt,
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Recommend rank, alpha and targets for this model and data.
 
     Writes recommendation.json, adapter_config.json, snippets.md and report.html to --out.
     """
-    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               rank=rank, max_rank=max_rank, batch_size=batch_size, epochs=epochs, steps=steps,
-               seed=seed, out=out,
-               dtype=dtype, device=device, trust_remote_code=trust_remote_code, budget=budget,
-               probe_method=probe_method, probe_max_rank=probe_max_rank, lr=_lrs(lr), calib=calib,
-               sweep=sweep, offline=offline, progress=not quiet)
+    from lorank.api import recommend as api_recommend
+    from lorank.cli_output import print_recommended
+
+    rec = api_recommend(model, data, targets=targets, format=format, val_data=val_data,
+                        max_length=max_length, rank=rank, max_rank=max_rank,
+                        batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
+                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        budget=budget, probe_method=probe_method, probe_rank=probe_rank,
+                        lr=parse_lrs(lr), calib=calib, sweep=sweep, offline=offline,
+                        progress=progress)
+    print_recommended(rec, out, "recommend")
 
 
 @app.command()
 def analyze(
     model: str = ModelOpt,
     data: str = DataOpt,
-    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    targets: str = TargetsOpt,
     calib: int = CalibOpt,
-    max_rank: int = typer.Option(None, min=1, help="largest rank read per layer [min(64, layer dims)]"),
-    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
-    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
-    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    gradient_max_rank: int = typer.Option(None, min=1, help="largest rank the gradient "
+                                          "spectrum reads per layer [min(64, layer dims)]"),
+    format: str = FormatOpt,
+    val_data: str = ValDataOpt,
+    max_length: int = MaxLengthOpt,
     batch_size: int = typer.Option(8, min=1, help="the planned run's batch size (also of the "
                                    "forward/backward passes)"),
     epochs: float = EpochsOpt,
@@ -128,86 +121,75 @@ def analyze(
     sketch_check: bool = typer.Option(False, help="report each sketched layer's principal "
                                       "angles to an independent replica sketch (costs more)"),
     seed: int = typer.Option(0, help="seed of the calibration sample and the halves"),
-    replay_mb: float = typer.Option(2048, help="memory (MiB, on the model's device) that half A's "
-                                    "layer inputs and gradients may take to replay the last "
-                                    "pass instead of running it, and a classifier's forward "
-                                    "graphs to serve its head fit; 0: always run both"),
+    gradient_replay_mb: float = typer.Option(None, help="memory (MiB, on the model's device) "
+                                             "that half A's layer inputs and gradients may "
+                                             "take to replay the last pass instead of running "
+                                             "it, and a classifier's forward graphs to serve "
+                                             "its head fit; 0: always run both [2048]"),
     out: Path = typer.Option(Path("lorank-analyze"), help="output directory"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     offline: bool = OfflineOpt,
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Per-layer and overall rank from gradients, before training.
 
     The gradient spectrum: directions that replicate across two halves of the data.
     """
-    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
-               dtype=dtype, device=device,
-               trust_remote_code=trust_remote_code, estimators=("gradient",), calib=calib,
-               gradient_max_rank=max_rank, sketch_check=sketch_check,
-               gradient_replay_mb=replay_mb, offline=offline, progress=not quiet,
-               command="analyze")
+    from lorank.api import analyze as api_analyze
+    from lorank.cli_output import print_recommended
 
-
-def _lrs(text: str) -> float | list[float]:
-    """One learning rate, or several for the probe's pilot to choose from."""
-    from lorank.util import parse_list
-
-    values = parse_list(text, float, "lr")
-    return values[0] if len(values) == 1 else values
-
-
-def _recommend(model: str, data: str, out: Path, command: str = "recommend", **kwargs) -> None:
-    from lorank.api import recommend as api_recommend
-    from lorank.report import print_recommendation
-
-    rec = api_recommend(model, data, out=out, **kwargs)
-    for line in rec.inputs.get("reused", []):  # finished measurements of an earlier run
-        say(line)
-    print_recommendation(rec, console, out=out, command=command)
+    rec = api_analyze(model, data, targets=targets, calib=calib,
+                      gradient_max_rank=gradient_max_rank, format=format, val_data=val_data,
+                      max_length=max_length, batch_size=batch_size, epochs=epochs, steps=steps,
+                      sketch_check=sketch_check, seed=seed,
+                      gradient_replay_mb=gradient_replay_mb, out=out, dtype=dtype,
+                      device=device, trust_remote_code=trust_remote_code, offline=offline,
+                      progress=progress)
+    print_recommended(rec, out, "analyze")
 
 
 @app.command()
 def probe(
     model: str = ModelOpt,
     data: str = DataOpt,
-    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
-    max_rank: int = typer.Option(64, min=1, help="rank the probe trains at; every rank below is read"),
+    val_data: str = ValDataOpt,
+    probe_rank: int = ProbeRankOpt,
     budget: str = typer.Option(None, help="training steps (200) or minutes (10m); default "
                                "the planned run (--epochs/--steps), else about one epoch"),
-    method: str = BUDGET_METHOD,
-    lr: str = typer.Option("1e-3", help="learning rate; several (2e-3,8e-3): a short pilot "
-                           "at the middle rank picks one"),
-    targets: str = typer.Option("all-linear", help="as in `recommend`"),
-    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
-    max_length: int = typer.Option(512, min=1, help="truncate examples to this many tokens"),
+    probe_method: str = ProbeMethodOpt,
+    lr: str = LrOpt,
+    targets: str = TargetsOpt,
+    format: str = FormatOpt,
+    max_length: int = MaxLengthOpt,
     batch_size: int = typer.Option(8, min=1, help="the planned run's batch size per step"),
     epochs: float = EpochsOpt,
     steps: int = StepsOpt,
-    seed: int = typer.Option(0, help="seed"),
+    seed: int = SeedOpt,
     out: Path = typer.Option(Path("lorank-probe"), help="output directory"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     offline: bool = OfflineOpt,
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """One training run's rank–loss curve, and a rank from it alone."""
-    _recommend(model, data, targets=targets, fmt=fmt, val_data=val_data, max_length=max_length,
-               batch_size=batch_size, epochs=epochs, steps=steps, seed=seed, out=out,
-               dtype=dtype, device=device,
-               trust_remote_code=trust_remote_code, estimators=("capacity", "probe"),
-               budget=budget or "auto", probe_method=method, probe_max_rank=max_rank, lr=_lrs(lr),
-               offline=offline, progress=not quiet, command="probe")
+    from lorank.api import probe as api_probe
+    from lorank.cli_output import print_recommended
+
+    rec = api_probe(model, data, val_data=val_data, probe_rank=probe_rank, budget=budget,
+                    probe_method=probe_method, lr=parse_lrs(lr), targets=targets, format=format,
+                    max_length=max_length, batch_size=batch_size, epochs=epochs, steps=steps,
+                    seed=seed, out=out, dtype=dtype, device=device,
+                    trust_remote_code=trust_remote_code, offline=offline, progress=progress)
+    print_recommended(rec, out, "probe")
 
 
 @app.command()
 def targets(
     model: str = ModelOpt,
-    targets: str = typer.Option("all-linear", help="as in `recommend`"),
+    targets: str = TargetsOpt,
     num_labels: int = typer.Option(None, min=2, help="load as a classifier with this many "
                                    "labels [2 for a classifier model]"),
     batch_size: int = typer.Option(8, min=1, help="batch size for the memory model"),
@@ -215,36 +197,22 @@ def targets(
     offline: bool = OfflineOpt,
 ) -> None:
     """List target modules, shapes, and params / memory per rank."""
-    from rich.table import Table
-
-    from lorank.decide import candidate_ranks
+    from lorank.cli_output import print_targets
     from lorank.models import load_model, model_task
-    from lorank.report import human_bytes, human_count
-    from lorank.targets import adapter_bytes, memory_estimate, resolve_targets
+    from lorank.targets import resolve_targets
 
     assumed_labels = num_labels is None and model_task(model, offline=offline) == "classification"
     if assumed_labels:  # the head's size only moves the counts by its own few parameters
         num_labels = 2
     loaded = load_model(model, task="classification" if num_labels else None,
                         num_labels=num_labels, offline=offline)
-    ts = resolve_targets(loaded.model, targets)
-    shapes = Table(title=f"{len(ts.layers)} target modules", header_style="bold")
-    for col in ("module", "d_in", "d_out", "group"):
-        shapes.add_column(col)
-    for t in ts.layers:
-        shapes.add_row(t.name, str(t.d_in), str(t.d_out), t.group)
-    console.print(shapes)
-    cost = Table(title="cost per rank", header_style="bold")
-    for col in ("rank", "trainable", "adapter", "train memory"):
-        cost.add_column(col, justify="right")
-    for r in candidate_ranks(ts):
-        mem = memory_estimate(ts, r, batch_size=batch_size, seq_len=seq_len)
-        cost.add_row(str(r), human_count(ts.params(r)), human_bytes(adapter_bytes(ts, r)),
-                     human_bytes(mem.total))
-    console.print(cost)
-    say(f"PEFT target_modules: {ts.peft_target_modules}")
-    if assumed_labels:
-        say("a classifier: counted with a 2-label head (--num-labels N for yours)")
+    print_targets(resolve_targets(loaded.model, targets), batch_size, seq_len, assumed_labels)
+
+
+# sweep: with --task, the options left out (None here) take the task's recipe, else these
+SWEEP_DEFAULTS = {"ranks": "1,2,4,8,16,32,64", "lrs": "5e-4,2e-3", "seeds": "0,1",
+                  "steps": 100, "batch_size": 8, "max_length": 512, "lora_alpha": None,
+                  "skip_margin": None}
 
 
 @app.command()
@@ -259,17 +227,17 @@ def sweep(
     steps: int = typer.Option(None, min=1, help="optimizer steps per run [100]"),
     batch_size: int = typer.Option(None, min=1, help="batch size per step [8]"),
     eval_every: int = typer.Option(0, min=0, help="evaluate every N steps (0: steps/4)"),
-    targets: str = typer.Option("all-linear", help="as in `recommend`"),
-    fmt: str = typer.Option(None, "--format", help="as in `recommend`"),
-    val_data: str = typer.Option(None, help="validation data (default: seeded split)"),
+    targets: str = TargetsOpt,
+    format: str = FormatOpt,
+    val_data: str = ValDataOpt,
     max_length: int = typer.Option(None, min=1, help="truncate examples to this many tokens [512]"),
     lora_alpha: float = typer.Option(None, help="fixed alpha for every rank (rsLoRA) [8]"),
     storage: str = typer.Option(None, help="study storage URL (default: sqlite in --out); "
                                 "postgresql://... lets many workers share the sweep"),
-    heartbeat: int = typer.Option(30, min=1, help="seconds between the heartbeats of a worker "
-                                  "holding a trial (database server storage)"),
-    grace: int = typer.Option(180, min=2, help="seconds without a heartbeat after which a "
-                              "trial's worker counts as dead and its point runs again"),
+    heartbeat: int = typer.Option(None, min=1, help="seconds between the heartbeats of a "
+                                  "worker holding a trial (database server storage) [30]"),
+    grace: int = typer.Option(None, min=2, help="seconds without a heartbeat after which a "
+                              "trial's worker counts as dead and its point runs again [180]"),
     prune: bool = typer.Option(False, help="successive-halving pruning of weak runs"),
     skip_margin: float = typer.Option(None, min=0.0, help="nats: a later seed skips an lr that lost to "
                                       "its rank's best lr by more at the first seed [off]"),
@@ -280,24 +248,24 @@ def sweep(
                                                 "backward: less memory, more time"),
     out: Path = typer.Option(Path("lorank-sweep"), help="output directory"),
     seed: int = typer.Option(0, help="seed of the task build and the train/validation split"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16, auto"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, auto"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     offline: bool = OfflineOpt,
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Train one LoRA per (rank, lr, seed): the measured truth.
 
     Resumable; writes sweep.json and rank_loss.png.
     """
     from lorank.api import sweep as api_sweep
+    from lorank.cli_output import print_sweep
     from lorank.util import parse_list
 
     given = {"ranks": ranks, "lrs": lrs, "seeds": seeds, "steps": steps,
              "batch_size": batch_size, "max_length": max_length, "lora_alpha": lora_alpha,
              "skip_margin": skip_margin}
-    defaults = {"ranks": "1,2,4,8,16,32,64", "lrs": "5e-4,2e-3", "seeds": "0,1", "steps": 100,
-                "batch_size": 8, "max_length": 512, "lora_alpha": None, "skip_margin": None}
+    defaults = dict(SWEEP_DEFAULTS)
     if task is not None:
         from lorank.bench.tasks import task_inputs
 
@@ -313,28 +281,15 @@ def sweep(
                        lrs=parse_list(opts["lrs"], float, "lrs"),
                        seeds=parse_list(opts["seeds"], int, "seeds"),
                        steps=int(opts["steps"]), batch_size=int(opts["batch_size"]),
-                       eval_every=eval_every, targets=targets, fmt=fmt, val_data=val_data,
+                       eval_every=eval_every, targets=targets, format=format, val_data=val_data,
                        max_length=int(opts["max_length"]), lora_alpha=opts["lora_alpha"],
                        storage=storage, prune=prune, skip_margin=opts["skip_margin"],
-                       settle=settle, max_trials=max_trials, gradient_checkpointing=gradient_checkpointing,
-                       out=out, seed=seed,
+                       settle=settle, max_trials=max_trials,
+                       gradient_checkpointing=gradient_checkpointing, out=out, seed=seed,
                        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                       progress=not quiet, command=shlex.join(["lorank", *sys.argv[1:]]),
+                       progress=progress, command=shlex.join(["lorank", *sys.argv[1:]]),
                        heartbeat=heartbeat, grace=grace, offline=offline)
-    from rich.table import Table
-
-    for note in result.data_notes:
-        say(note)
-
-    table = Table(title="rank–loss curve (best lr per rank)", header_style="bold")
-    for col in ("rank", "val loss", "± se", "seed sd", "lr", "seeds"):
-        table.add_column(col, justify="right")
-    for r, row in sorted(result.curve.items()):
-        seed_sd = f"{row['seed_sd']:.4f}" if row["seeds"] > 1 else "–"  # one seed: no spread
-        table.add_row(str(r), f"{row['loss']:.4f}", f"{row['se']:.4f}", seed_sd,
-                      f"{row['lr']:g}", str(row["seeds"]))
-    console.print(table)
-    say(f"{len(result.trials)} finished trials; wrote {out}/sweep.json, {out}/rank_loss.png")
+    print_sweep(result, out)
 
 
 @app.command()
@@ -351,7 +306,7 @@ def bench(
                                   "stored in TASK/baselines and reused"),
     tasks: str = typer.Option("", help="only run --run / --baselines on these tasks "
                               "(comma-separated folder names); scoring covers every task"),
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Score every method against the sweeps (regret, waste, cost)."""
     from lorank.bench.score import (
@@ -361,6 +316,7 @@ def bench(
         run_task_estimators,
         update_markdown,
     )
+    from lorank.cli_output import print_overall
 
     if not results.is_dir():
         raise LorankError(f"--results {results}: not a directory")
@@ -380,22 +336,12 @@ def bench(
         if only and task_dir.name not in only:
             continue
         if names:
-            run_task_estimators(task_dir, names, progress=not quiet)
+            run_task_estimators(task_dir, names, progress=progress)
         if layerwise:
-            run_task_baselines(task_dir, layerwise, progress=not quiet)
+            run_task_baselines(task_dir, layerwise, progress=progress)
     scored = run_bench(results)
     update_markdown(markdown, markdown_tables(scored, results))
-    from rich.table import Table
-
-    table = Table(title="overall", header_style="bold")
-    for col in ("method", "tasks", "mean regret", "worst regret", "within tol", "waste", "cost"):
-        table.add_column(col, justify="right")
-    for o in overall(scored):
-        table.add_row(o["method"], str(o["tasks"]), f"{o['mean_regret']:.2%}",
-                      f"{o['worst_regret']:.2%}", f"{o['within_tol']}/{o['tasks']}",
-                      f"{o['mean_waste']:.2f}", f"{o['mean_cost']:.3f}")
-    console.print(table)
-    say(f"updated {markdown}")
+    print_overall(overall(scored), markdown)
 
 
 @app.command()
@@ -403,8 +349,8 @@ def demo(
     out: Path = typer.Option(Path("lorank-demo"), help="output directory"),
     n: int = typer.Option(300, help="examples to build from the standard library"),
     budget: str = typer.Option(None, help="also run the probe: steps (40) or minutes (10m)"),
-    seed: int = typer.Option(0, help="seed"),
-    quiet: bool = typer.Option(False, help="no progress bars"),
+    seed: int = SeedOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Run `recommend` on SmolLM2 with a dataset from the stdlib.
 
@@ -413,20 +359,20 @@ def demo(
     from lorank.demo import run_demo
     from lorank.report import print_recommendation
 
-    rec, data_path = run_demo(out, n=n, seed=seed, budget=budget, progress=not quiet)
+    rec, data_path = run_demo(out, n=n, seed=seed, budget=budget, progress=progress)
     say(f"demo data: {data_path}")
     print_recommendation(rec, console, out=out, command="demo")
 
 
 @app.command()
 def inspect(
-    adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (safetensors)"),
+    adapter: Path = AdapterArg,
     tol: float = typer.Option(0.1, min=0.0, max=1.0, help="relative error a truncation may "
                               "make; the per-layer rank that keeps within it is shown"),
     data: str = AdapterDataOpt,
     model: str = AdapterModelOpt,
-    fmt: str = FormatOpt,
-    val_data: str = ValDataOpt,
+    format: str = FormatOpt,
+    val_data: str = AdapterValDataOpt,
     max_length: int = MaxLengthOpt,
     batch_size: int = EvalBatchOpt,
     seed: int = SplitSeedOpt,
@@ -434,57 +380,35 @@ def inspect(
     device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     offline: bool = OfflineOpt,
-    quiet: bool = QuietOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """How much of its rank a trained adapter uses, per layer.
 
     Without --data no model is loaded; with it, the validation loss truncated to each
     candidate rank.
     """
-    from rich.table import Table
-
     from lorank.api import inspect as api_inspect
+    from lorank.cli_output import print_inspection
 
-    report = api_inspect(adapter, tol=tol, data=data, model=model, fmt=fmt, val_data=val_data,
-                         max_length=max_length, batch_size=batch_size, seed=seed, dtype=dtype,
-                         device=device, trust_remote_code=trust_remote_code, offline=offline,
-                         progress=not quiet)
-    table = Table(title=f"{adapter}: rank use per layer", header_style="bold")
-    for col in ("layer", "rank", "effective", f"rank for {tol:g}", "top-1 energy"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for lay in report.layers:
-        table.add_row(Text(lay.name), str(lay.rank), f"{lay.effective_rank:.1f}",
-                      str(lay.rank_for(tol)), f"{lay.energy[min(lay.energy)]:.0%}")
-    console.print(table)
-    say(report.verdict)
-    curve = report.losses
-    if curve is None:
-        return
-    for note in report.notes:
-        say(note)
-    table = Table(title=f"validation loss per truncated rank ({report.model}, "
-                  f"{curve.n_examples} examples)", header_style="bold")
-    for col in ("rank", "val loss", "vs best", "± paired se", "within tol"):
-        table.add_column(col, justify="right")
-    best = curve.loss[curve.best_rank]
-    for r in curve.ranks:
-        table.add_row(str(r), f"{curve.loss[r]:.4f}", f"{curve.loss[r] - best:+.4f}",
-                      f"{curve.se[r]:.4f}", "yes" if curve.within(r) else "no")
-    console.print(table)
-    say(report.loss_verdict or "")
+    report = api_inspect(adapter, tol=tol, data=data, model=model, format=format,
+                         val_data=val_data, max_length=max_length, batch_size=batch_size,
+                         seed=seed, dtype=dtype, device=device,
+                         trust_remote_code=trust_remote_code, offline=offline,
+                         progress=progress)
+    print_inspection(report, adapter, tol)
 
 
 @app.command()
 def shrink(
-    adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (safetensors)"),
+    adapter: Path = AdapterArg,
     out: Path = typer.Option(..., help="directory for the smaller adapter"),
     rank: int = typer.Option(None, min=1, help="one rank for every layer"),
     tol: float = typer.Option(None, help="per-layer ranks: each keeps its update within this "
                               "relative (Frobenius) error; written as rank_pattern"),
     data: str = AdapterDataOpt,
     model: str = AdapterModelOpt,
-    fmt: str = FormatOpt,
-    val_data: str = ValDataOpt,
+    format: str = FormatOpt,
+    val_data: str = AdapterValDataOpt,
     max_length: int = MaxLengthOpt,
     batch_size: int = EvalBatchOpt,
     seed: int = SplitSeedOpt,
@@ -492,96 +416,27 @@ def shrink(
     device: str = DeviceOpt,
     trust_remote_code: bool = RemoteCodeOpt,
     offline: bool = OfflineOpt,
-    quiet: bool = QuietOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Shrink a trained adapter by an exact SVD re-factorization.
 
     The smaller adapter loads in PEFT; with --data, the validation loss change it makes.
     """
     from lorank.api import shrink as api_shrink
+    from lorank.cli_output import print_shrunk
 
-    summary = api_shrink(adapter, out, rank=rank, tol=tol, data=data, model=model, fmt=fmt,
-                         val_data=val_data, max_length=max_length, batch_size=batch_size,
-                         seed=seed, dtype=dtype, device=device,
+    summary = api_shrink(adapter, out, rank=rank, tol=tol, data=data, model=model,
+                         format=format, val_data=val_data, max_length=max_length,
+                         batch_size=batch_size, seed=seed, dtype=dtype, device=device,
                          trust_remote_code=trust_remote_code, offline=offline,
-                         progress=not quiet)
-    say(f"wrote {out}: rank {summary['rank']}"
-        + (f" with {len(summary['rank_pattern'])} per-layer ranks" if summary["rank_pattern"]
-           else "")
-        + f", {summary['params_after']:,} parameters (was {summary['params_before']:,}), "
-          f"largest relative error {summary['max_relative_error']:.2e}")
-    loss = summary.get("loss")
-    if loss is None:
-        return
-    for note in summary["notes"]:
-        say(note)
-    verdict = "within" if loss["within_tolerance"] else "outside"
-    say(f"validation loss ({summary['model']}, {loss['n_examples']} examples): "
-        f"{loss['loss_before']:.4f} -> {loss['loss_after']:.4f}, change "
-        f"{loss['change']:+.4f} ± {loss['se']:.4f}, {verdict} tolerance {loss['tol']:.4f}")
-
-
-INTERRUPTED = "interrupted: finished work is kept; run the same command again to continue"
-
-
-class _Signals:
-    """The stop signal received, if any (SIGTERM is turned into a KeyboardInterrupt)."""
-
-    received: int | None = None
-
-
-def _stop_like_ctrl_c(signum: int, frame) -> None:
-    """SIGTERM handler: stop the way Ctrl-C does, so the finally blocks and context managers
-    that keep finished work run (Python's default for SIGTERM ends the process at once)."""
-    _Signals.received = signum
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _interrupted(signum: int) -> NoReturn:
-    """One line on stderr, then the shell's exit code for the signal (130, SIGTERM 143)."""
-    name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-    err_console.print(INTERRUPTED.replace("interrupted", f"interrupted{name}", 1),
-                      soft_wrap=True, markup=False, highlight=False)
-    sys.exit(128 + signum)
+                         progress=progress)
+    print_shrunk(summary, out)
 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C or SIGTERM
-    keep finished work and exit with 130 or 143 after one line."""
-    _Signals.received = None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c) if on_main_thread else None
-    try:
-        _main()
-    finally:
-        if on_main_thread:  # None: a handler set outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _main() -> None:
-    try:
-        code = app(standalone_mode=False)
-        # typer turns Ctrl-C (and typer.Exit) into a returned exit code when not standalone
-        if code == 130:
-            _interrupted(_Signals.received or signal.SIGINT)
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except LorankError as err:
-        err_console.print(Text("error: ", style="red") + Text(str(err)), soft_wrap=True)
-        sys.exit(2)
-    except FileNotFoundError as err:
-        err_console.print(Text("error: ", style="red") + Text(f"file not found: {err.filename}"),
-                          soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _interrupted(_Signals.received or signal.SIGINT)
-    except Exception as err:  # click usage errors (typer vendors click) show themselves
-        if hasattr(err, "show") and hasattr(err, "exit_code"):
-            err.show()
-            sys.exit(2)
-        if type(err).__name__ == "Abort":
-            sys.exit(1)
-        raise
+    keep finished work and exit with 130 or 143 after one line (see `lorank.cli_exit`)."""
+    run_app(app)
 
 
 @app.command()

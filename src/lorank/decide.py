@@ -88,7 +88,7 @@ def decide(evidence: list[Evidence], targets: TargetSet, *, ranks: list[int] | N
         chosen = curves[0]
         decided_by = chosen.name
         measured = {int(r) for r in chosen.curve}
-        # a rank the curve measured is taken as is (a probe at --max-rank 6 that picks 6 must
+        # a rank the curve measured is taken as is (a probe at --probe-rank 6 that picks 6 must
         # not become an unmeasured 8); only a rank it did not measure snaps to a candidate
         rank = chosen.suggested_rank if chosen.suggested_rank in measured \
             and chosen.suggested_rank <= targets.max_rank else snap_up(chosen.suggested_rank, ranks)

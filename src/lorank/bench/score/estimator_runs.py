@@ -24,7 +24,7 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
 
     capacity and gradient train nothing; the probe trains one run at the task's largest rank
     with the task's steps and batch, at the lr of the task's grid that its pilot picks (a
-    quarter of the schedule per lr, charged to the probe's cost: see `lorank.api.run_probe`).
+    quarter of the schedule per lr, charged to the probe's cost: see `lorank.runs.probe.run_probe`).
     """
     from lorank.api import recommend
 
@@ -35,7 +35,7 @@ def run_task_estimators(task_dir: Path, names: list[str], *, progress: bool = Tr
         if name not in BENCH_ESTIMATORS:
             raise LorankError(f"--run {name}: unknown; known: {', '.join(BENCH_ESTIMATORS)}")
         estimator, method = BENCH_ESTIMATORS[name]
-        probe = {"budget": str(info["steps"]), "probe_max_rank": max(info["ranks"]),
+        probe = {"budget": str(info["steps"]), "probe_rank": max(info["ranks"]),
                  "lr": list(info["lrs"]),
                  "batch_size": info["batch_size"], "probe_method": method} if method else {}
         if name == "capacity":  # the task's recipe is the planned run
