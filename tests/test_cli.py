@@ -12,7 +12,9 @@ from lorank import cli
 
 
 def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`lorank ARGS` in this process: (exit code, stdout, stderr) of the command alone."""
     monkeypatch.setattr(sys, "argv", ["lorank", *args])
+    capsys.readouterr()  # what was printed before the command is not its output
     code = 0
     try:
         cli.main()

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
 import huggingface_hub.constants as hub_constants
 import pytest
+from test_cli import run
 
 import lorank
 import lorank.api
@@ -65,18 +65,6 @@ class FakeDownload:
         if not snapshot.exists():
             plant(self.cache, repo_id, self.files_from)
         return str(snapshot)
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["lorank", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str) -> str:
