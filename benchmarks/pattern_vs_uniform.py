@@ -21,16 +21,15 @@ import numpy as np
 
 from lorank.api import versions
 from lorank.bench.score import load_sweep
-from lorank.scoring import paired_se
+from lorank.scoring import paired_se, seed_se
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNIFORM_RANK = 8
 
 
 def seed_sd(runs: list[np.ndarray]) -> float:
-    """Seed-to-seed SD of the mean loss divided by sqrt(seeds) (0 with one seed)."""
-    means = [float(np.nanmean(r)) for r in runs]
-    return float(np.std(means, ddof=1) / math.sqrt(len(means))) if len(means) > 1 else 0.0
+    """`scoring.seed_se` of the runs' mean losses."""
+    return seed_se([float(np.nanmean(r)) for r in runs])
 
 
 def compare(task_dir: Path, baseline: dict, sweep: dict) -> dict | None:

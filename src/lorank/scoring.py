@@ -7,7 +7,7 @@ Pure numpy so that scoring never depends on the training stack that produced the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +29,14 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2:
         return 0.0
     return float(np.std(a - b, ddof=1) / math.sqrt(a.size))
+
+
+def seed_se(seed_means: Sequence[float]) -> float:
+    """Seed-to-seed SD of a mean loss divided by sqrt(seeds): the seed part of the tolerance
+    (0 with one seed)."""
+    if len(seed_means) < 2:
+        return 0.0
+    return float(np.std(seed_means, ddof=1) / math.sqrt(len(seed_means)))
 
 
 def unpaired_se(a: np.ndarray, b: np.ndarray) -> float:
@@ -310,8 +318,7 @@ def r_star_stability(seed_losses: Mapping[int, list[np.ndarray]], n_resamples: i
             means = [float(np.nanmean(x if index is None else x[index])) for x in chosen]
             per = np.mean(chosen, axis=0)
             losses[r] = per if index is None else per[index]
-            spread[r] = float(np.std(means, ddof=1) / math.sqrt(len(means))) \
-                if len(means) > 1 else 0.0
+            spread[r] = seed_se(means)
         return right_rank(losses, seed_spread=spread).r_star
 
     point = r_star_of(None, None)

@@ -11,7 +11,6 @@ steps.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from lorank.bench.score.truth import (
     truth_report,
 )
 from lorank.estimators.capacity import efficiency_for, load_calibration, pick_rank
-from lorank.scoring import RightRank, score, score_run
+from lorank.scoring import RightRank, score, score_run, seed_se
 
 FIXED = (8, 16)
 
@@ -161,8 +160,7 @@ def score_layerwise(task_dir: Path, sweep: dict[str, Any], right: RightRank,
     for path in sorted((Path(task_dir) / "baselines").glob("*.json")):
         b = json.loads(path.read_text())
         runs = [np.asarray(r["per_example"], float) for r in b["runs"]]
-        seed_means = [float(np.nanmean(r)) for r in runs]
-        seed_sd = float(np.std(seed_means, ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else 0.0
+        seed_sd = seed_se([float(np.nanmean(r)) for r in runs])
         steps = b["decide_seconds"] / sec_step + b["decide_steps"]
         row = score_run(LAYERWISE_LABELS.get(b["name"], b["name"]), np.mean(runs, axis=0),
                         b["trainable_params"], right, best, params, steps / full, seed_sd)
